@@ -1,0 +1,232 @@
+"""Index a folder of labelled clips, split it by speaker, load it into memory.
+
+Layout: ``data_dir/<label>/<speaker>_nohash_<n>.wav``. Wanted words are
+classes of their own, other folders become ``_unknown_``, ``_silence_`` is
+synthesised, and ``_background_noise_`` holds long noise clips for mixing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import random
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from speechclas.audio import AudioError, decode_audio, fix_length, to_int16
+
+logger = logging.getLogger(__name__)
+
+SILENCE_LABEL = "_silence_"
+UNKNOWN_LABEL = "_unknown_"
+BACKGROUND_NOISE_DIR = "_background_noise_"
+SPLITS = ("training", "validation", "testing")
+SPLIT_FILES = {"training": "train.txt", "validation": "val.txt", "testing": "test.txt"}
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
+# As in TF's speech_commands: the hash is taken modulo this, so the set of
+# a speaker never changes when other files are added.
+MAX_NUM_WAVS_PER_CLASS = 2**27 - 1
+
+
+class DataError(ValueError):
+    """A dataset problem a user can fix (missing folder, empty word, ...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    path: str  # relative to data_dir, with forward slashes
+    word: str  # the folder it came from
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetIndex:
+    """What a training sees: the labels and, per split, the clips."""
+
+    data_dir: Path
+    labels: tuple[str, ...]
+    splits: dict[str, tuple[Example, ...]]
+    background_files: tuple[str, ...]
+
+    def label_index(self, word: str) -> int:
+        """Class index of a folder name: itself if wanted, else _unknown_."""
+        return self.labels.index(word) if word in self.labels else self.labels.index(UNKNOWN_LABEL)
+
+    def wanted(self, split: str) -> list[Example]:
+        return [e for e in self.splits[split] if e.word in self.labels]
+
+    def unknown(self, split: str) -> list[Example]:
+        return [e for e in self.splits[split] if e.word not in self.labels]
+
+
+def labels_for(wanted_words: Sequence[str]) -> tuple[str, ...]:
+    """Class order used everywhere: silence, unknown, then the wanted words."""
+    return (SILENCE_LABEL, UNKNOWN_LABEL, *wanted_words)
+
+
+def speaker_of(filename: str) -> str:
+    """The speaker part of a name: everything before ``_nohash_``."""
+    name = Path(filename).name
+    return re.sub(r"_nohash_.*$", "", name)
+
+
+def which_set(filename: str, validation_percentage: float, testing_percentage: float) -> str:
+    """Stable split by a hash of the speaker, so a speaker stays in one set and
+    adding files never moves old ones (the speech_commands rule)."""
+    digest = hashlib.sha1(speaker_of(filename).encode("utf-8")).hexdigest()
+    percentage = (int(digest, 16) % (MAX_NUM_WAVS_PER_CLASS + 1)) * (100.0 / MAX_NUM_WAVS_PER_CLASS)
+    if percentage < validation_percentage:
+        return "validation"
+    if percentage < testing_percentage + validation_percentage:
+        return "testing"
+    return "training"
+
+
+def _audio_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+
+
+def _read_split_file(path: Path, data_dir: Path) -> list[Example]:
+    examples = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        relative = line.strip()
+        if not relative or relative.startswith("#"):
+            continue
+        parts = Path(relative).parts
+        if len(parts) < 2 or Path(relative).is_absolute() or ".." in parts:
+            raise DataError(f"{path}:{number}: expected <label>/<file> relative to the data folder, got {relative!r}")
+        if not (data_dir / relative).is_file():
+            raise DataError(f"{path}:{number}: {relative} does not exist in {data_dir}")
+        examples.append(Example(path=Path(relative).as_posix(), word=parts[-2]))
+    return examples
+
+
+def index_dataset(
+    data_dir: Path,
+    wanted_words: Sequence[str],
+    validation_percentage: float,
+    testing_percentage: float,
+    splits_dir: Path | None = None,
+) -> DatasetIndex:
+    """Find the clips, assign each to a split and check that training can work.
+
+    When ``splits_dir`` holds train.txt, val.txt and test.txt they decide the
+    split; otherwise the speaker hash does.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"data folder {data_dir} does not exist; put one folder of .wav clips per label there")
+    folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    word_folders = [p for p in folders if p.name != BACKGROUND_NOISE_DIR]
+    files_by_word = {p.name: _audio_files(p) for p in word_folders}
+    if not any(files_by_word.values()):
+        raise DataError(f"no .wav files found in {data_dir}/<label>/")
+    missing = [w for w in wanted_words if not files_by_word.get(w)]
+    if missing:
+        raise DataError(f"wanted words with no clips in {data_dir}: {', '.join(missing)}")
+
+    split_files = {s: splits_dir / f for s, f in SPLIT_FILES.items()} if splits_dir else {}
+    if split_files and all(p.is_file() for p in split_files.values()):
+        logger.info("Using the split lists in %s", splits_dir)
+        splits = {s: tuple(_read_split_file(split_files[s], data_dir)) for s in SPLITS}
+    else:
+        buckets: dict[str, list[Example]] = {s: [] for s in SPLITS}
+        for word, files in files_by_word.items():
+            for path in files:
+                split = which_set(path.name, validation_percentage, testing_percentage)
+                buckets[split].append(Example(path=f"{word}/{path.name}", word=word))
+        splits = {s: tuple(buckets[s]) for s in SPLITS}
+
+    labels = labels_for(wanted_words)
+    has_unknown = any(e.word not in labels for e in splits["training"])
+    classes_with_data = len(wanted_words) + int(has_unknown)
+    if classes_with_data < 2:
+        raise DataError(
+            "fewer than two classes to learn: name at least two wanted_words, or one word and "
+            "other word folders for _unknown_"
+        )
+    if not splits["training"]:
+        raise DataError(f"the training split of {data_dir} is empty")
+    for split in ("validation", "testing"):
+        if not splits[split]:
+            logger.warning("The %s split is empty: add speakers or raise its percentage", split)
+    background_dir = data_dir / BACKGROUND_NOISE_DIR
+    background = tuple(
+        f"{BACKGROUND_NOISE_DIR}/{p.name}" for p in (_audio_files(background_dir) if background_dir.is_dir() else [])
+    )
+    counts = {s: len(v) for s, v in splits.items()}
+    logger.info("Indexed %s: %s clips per split, %d noise files", data_dir, counts, len(background))
+    return DatasetIndex(data_dir=data_dir, labels=labels, splits=splits, background_files=background)
+
+
+def write_split_lists(index: DatasetIndex, out_dir: Path) -> None:
+    """Record which file went where (train.txt, val.txt, test.txt)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split, filename in SPLIT_FILES.items():
+        lines = [e.path for e in index.splits[split]]
+        (out_dir / filename).write_text("".join(f"{line}\n" for line in lines))
+
+
+def evaluation_examples(
+    index: DatasetIndex, split: str, silence_percentage: float, unknown_percentage: float, seed: int
+) -> tuple[list[str | None], list[int]]:
+    """A fixed evaluation set: every wanted clip, a seeded sample of unknown
+    clips and silence entries (path None), sized as percentages of the wanted
+    clips as in the speech_commands recipe."""
+    wanted = index.wanted(split)
+    unknown = index.unknown(split)
+    rng = random.Random(f"{seed}-{split}")
+    rng.shuffle(unknown)
+    unknown_count = min(len(unknown), int(np.ceil(len(wanted) * unknown_percentage / 100)))
+    silence_count = int(np.ceil(len(wanted) * silence_percentage / 100))
+    paths: list[str | None] = [e.path for e in wanted] + [e.path for e in unknown[:unknown_count]]
+    labels = [index.label_index(e.word) for e in wanted] + [index.label_index(UNKNOWN_LABEL)] * unknown_count
+    paths += [None] * silence_count
+    labels += [index.label_index(SILENCE_LABEL)] * silence_count
+    return paths, labels
+
+
+def load_clips(
+    data_dir: Path, paths: Iterable[str | None], sample_rate: int, desired_samples: int, workers: int = 4
+) -> np.ndarray:
+    """Decode clips once into an int16 array [clips, desired_samples].
+
+    Kept in memory because a keyword dataset is small (32 KB a clip at 16 kHz)
+    and the training pipeline then never waits on disk. None gives silence.
+    """
+    paths = list(paths)
+    out = np.zeros((len(paths), desired_samples), dtype=np.int16)
+
+    def load(item):
+        position, relative = item
+        if relative is None:
+            return
+        try:
+            decoded = decode_audio(data_dir / relative, sample_rate)
+        except AudioError as exc:
+            raise DataError(f"cannot use training clip {relative}: {exc}") from exc
+        out[position] = to_int16(fix_length(decoded.samples, desired_samples))
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        items = list(enumerate(paths))
+        list(tqdm(pool.map(load, items), total=len(items), desc="Loading clips", unit="clip", leave=False,
+                  disable=len(items) < 200))
+    return out
+
+
+def load_background(data_dir: Path, files: Sequence[str], sample_rate: int, min_samples: int) -> np.ndarray:
+    """All noise files decoded and joined into one float32 array; a random
+    window of it is mixed into training clips. Empty when there is none."""
+    pieces = []
+    for relative in files:
+        decoded = decode_audio(data_dir / relative, sample_rate)
+        if len(decoded.samples) < min_samples:
+            logger.warning("Noise file %s is shorter than one clip; skipped", relative)
+            continue
+        pieces.append(decoded.samples)
+    return np.concatenate(pieces) if pieces else np.zeros((0,), dtype=np.float32)

@@ -1,0 +1,116 @@
+"""Waveform to model input with TF's audio ops, for a whole batch at once.
+
+The same `compute_features` runs in the training pipeline and inside every
+exported model, so a deployed model sees exactly what training saw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import tensorflow as tf
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSettings:
+    """Sizes derived once from the configuration (speech_commands'
+    prepare_model_settings)."""
+
+    sample_rate: int
+    desired_samples: int
+    window_size_samples: int
+    window_stride_samples: int
+    spectrogram_length: int
+    preprocess: str
+    feature_bin_count: int
+    average_window_width: int
+    fingerprint_width: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """Shape of one model input: (time frames, features, 1 channel)."""
+        return (self.spectrogram_length, self.fingerprint_width, 1)
+
+
+def _next_power_of_two(value: int) -> int:
+    return 1 if value == 0 else 2 ** (value - 1).bit_length()
+
+
+def feature_settings(
+    sample_rate: int,
+    clip_duration_ms: int,
+    window_size_ms: float,
+    window_stride_ms: float,
+    feature_bin_count: int,
+    preprocess: str,
+) -> FeatureSettings:
+    desired_samples = int(sample_rate * clip_duration_ms / 1000)
+    window_size_samples = int(sample_rate * window_size_ms / 1000)
+    window_stride_samples = int(sample_rate * window_stride_ms / 1000)
+    if window_size_samples < 2 or window_stride_samples < 1:
+        raise ValueError("window_size_ms and window_stride_ms are too small for the sample rate")
+    length_minus_window = desired_samples - window_size_samples
+    spectrogram_length = 0 if length_minus_window < 0 else 1 + length_minus_window // window_stride_samples
+    fft_bin_count = 1 + _next_power_of_two(window_size_samples) // 2
+    if preprocess == "average":
+        average_window_width = max(1, fft_bin_count // feature_bin_count)
+        fingerprint_width = math.ceil(fft_bin_count / average_window_width)
+    elif preprocess == "mfcc":
+        average_window_width = -1
+        fingerprint_width = feature_bin_count
+    else:
+        raise ValueError(f"unknown preprocess {preprocess!r}")
+    return FeatureSettings(
+        sample_rate=sample_rate,
+        desired_samples=desired_samples,
+        window_size_samples=window_size_samples,
+        window_stride_samples=window_stride_samples,
+        spectrogram_length=spectrogram_length,
+        preprocess=preprocess,
+        feature_bin_count=feature_bin_count,
+        average_window_width=average_window_width,
+        fingerprint_width=fingerprint_width,
+    )
+
+
+def settings_from_config(config) -> FeatureSettings:
+    return feature_settings(
+        sample_rate=config.sample_rate,
+        clip_duration_ms=config.clip_duration_ms,
+        window_size_ms=config.window_size_ms,
+        window_stride_ms=config.window_stride_ms,
+        feature_bin_count=config.feature_bin_count,
+        preprocess=config.preprocess,
+    )
+
+
+def compute_features(audio: tf.Tensor, settings: FeatureSettings) -> tf.Tensor:
+    """[batch, desired_samples] float audio in [-1, 1] to [batch, time, features, 1].
+
+    AudioSpectrogram takes [samples, channels]; the batch is passed as the
+    channels, so one op call covers the whole batch.
+    """
+    channels_last = tf.transpose(audio)
+    spectrogram = tf.raw_ops.AudioSpectrogram(
+        input=channels_last,
+        window_size=settings.window_size_samples,
+        stride=settings.window_stride_samples,
+        magnitude_squared=True,
+    )
+    if settings.preprocess == "mfcc":
+        features = tf.raw_ops.Mfcc(
+            spectrogram=spectrogram,
+            sample_rate=settings.sample_rate,
+            dct_coefficient_count=settings.feature_bin_count,
+        )
+    else:
+        pooled = tf.nn.pool(
+            tf.expand_dims(spectrogram, -1),
+            window_shape=[1, settings.average_window_width],
+            strides=[1, settings.average_window_width],
+            pooling_type="AVG",
+            padding="SAME",
+        )
+        features = tf.squeeze(pooled, -1)
+    return tf.expand_dims(features, -1)

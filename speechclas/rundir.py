@@ -1,0 +1,139 @@
+"""The ``models/<YYYY-MM-DD_HHMMSS>/`` folder of one training, and finding runs.
+
+A run is finished only when its DONE marker exists; the marker is written
+last, so a cancelled or crashed run is never served.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+from pathlib import Path
+
+TIMESTAMP_FORMAT = "%Y-%m-%d_%H%M%S"
+DONE_MARKER = "DONE"
+API_RUN = "api"
+_RUN_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{6}(_\d+)?$")
+
+
+class RunNotFoundError(LookupError):
+    """No finished run matches the request."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def ckpts(self) -> Path:
+        return self.root / "ckpts"
+
+    @property
+    def conf(self) -> Path:
+        return self.root / "conf"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def stats(self) -> Path:
+        return self.root / "stats"
+
+    @property
+    def dataset_files(self) -> Path:
+        return self.root / "dataset_files"
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions"
+
+    @property
+    def labels_path(self) -> Path:
+        return self.ckpts / "labels.txt"
+
+    @property
+    def frozen_graph_path(self) -> Path:
+        return self.ckpts / "model.pb"
+
+    @property
+    def tflite_path(self) -> Path:
+        return self.ckpts / "model.tflite"
+
+    @property
+    def saved_model_dir(self) -> Path:
+        return self.ckpts / "saved_model"
+
+    @property
+    def conf_path(self) -> Path:
+        return self.conf / "conf.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.stats / "metrics.json"
+
+    @property
+    def done_path(self) -> Path:
+        return self.root / DONE_MARKER
+
+    def is_finished(self) -> bool:
+        return self.done_path.is_file()
+
+    def labels(self) -> list[str]:
+        return [line for line in self.labels_path.read_text().splitlines() if line]
+
+    def make_folders(self) -> None:
+        for folder in (self.ckpts, self.conf, self.logs, self.stats, self.dataset_files):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def mark_finished(self) -> None:
+        self.done_path.write_text(dt.datetime.now().isoformat(timespec="seconds") + "\n")
+
+
+def create_run_dir(models_dir: Path, now: dt.datetime | None = None) -> RunDir:
+    """A new, empty, uniquely named run folder (a suffix if two start in one second)."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    stamp = (now or dt.datetime.now()).strftime(TIMESTAMP_FORMAT)
+    for attempt in range(1000):
+        name = stamp if attempt == 0 else f"{stamp}_{attempt}"
+        try:
+            (models_dir / name).mkdir()
+        except FileExistsError:
+            continue
+        run = RunDir(models_dir / name)
+        run.make_folders()
+        return run
+    raise RuntimeError(f"could not create a run folder in {models_dir}")
+
+
+def finished_runs(models_dir: Path) -> list[RunDir]:
+    """Finished timestamped runs, oldest first."""
+    if not models_dir.is_dir():
+        return []
+    runs = [RunDir(p) for p in models_dir.iterdir() if p.is_dir() and _RUN_NAME.match(p.name)]
+    return sorted((r for r in runs if r.is_finished()), key=lambda r: r.name)
+
+
+def find_run(models_dir: Path, name: str | None = None) -> RunDir:
+    """The run to serve: the one named, else ``models/api``, else the newest finished."""
+    if name:
+        if name != API_RUN and not _RUN_NAME.match(name):
+            raise RunNotFoundError(f"{name!r} is not a run name (expected YYYY-MM-DD_HHMMSS or 'api')")
+        run = RunDir(models_dir / name)
+        if not run.root.is_dir():
+            raise RunNotFoundError(f"there is no run {name!r} in {models_dir}")
+        if not run.is_finished():
+            raise RunNotFoundError(f"run {name!r} did not finish (cancelled, failed or still training)")
+        return run
+    api = RunDir(models_dir / API_RUN)
+    if api.is_finished():
+        return api
+    runs = finished_runs(models_dir)
+    if not runs:
+        raise RunNotFoundError(f"no trained model yet in {models_dir}: train one first")
+    return runs[-1]
