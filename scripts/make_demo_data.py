@@ -1,0 +1,411 @@
+"""Make a small synthetic keyword dataset with the espeak-ng speech synthesizer.
+
+The project ships a demo dataset so that training, the tests and the DEEPaaS
+API can run without downloading the 2 GB speech_commands corpus.  The clips
+follow the speech_commands layout (`<word>/<speaker>_nohash_<n>.wav`, 1 s of
+16 kHz 16-bit mono), so the same code paths (speaker-hash split, unknown words,
+`_background_noise_`) are exercised.  Each synthetic speaker is one combination
+of espeak-ng accent, voice variant, pitch, speed and level, so a classifier has
+to generalise across speakers just as with real recordings.
+
+Everything is drawn from `--seed`: running the script again with the same
+arguments and espeak-ng version writes the same files.
+
+    python scripts/make_demo_data.py --out data/demo
+    python scripts/make_demo_data.py --out /tmp/demo30 --speakers 120 --words all30 --unknown-words ""
+"""
+
+import argparse
+import hashlib
+import io
+import logging
+import os
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+CLIP_SAMPLES = SAMPLE_RATE  # 1000 ms, like speech_commands
+BACKGROUND_NOISE_DIR = "_background_noise_"
+INSTALLER = Path(__file__).resolve().parent / "install_espeak.sh"
+
+# The 35 words of speech_commands v0.02; "all30" is the first 30 (the v0.01
+# vocabulary), "all35" all of them.
+SPEECH_COMMANDS_WORDS = (
+    "yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go",
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+    "bed", "bird", "cat", "dog", "happy", "house", "marvin", "sheila", "tree", "wow",
+    "backward", "forward", "follow", "learn", "visual",
+)  # fmt: skip
+DEFAULT_WORDS = SPEECH_COMMANDS_WORDS[:10]
+DEFAULT_UNKNOWN_WORDS = ("bed", "cat", "house", "tree")
+
+# English accents that espeak-ng ships itself (the mbrola "mb-*" voices need
+# extra packages).  "en" is the same voice as "en-gb".
+VOICES = (
+    "en",
+    "en-us",
+    "en-gb-scotland",
+    "en-gb-x-rp",
+    "en-029",
+    "en-gb-x-gbclan",
+    "en-gb-x-gbcwmd",
+    "en-us-nyc",
+)
+# Voice variants (`espeak-ng --voices=variant`) that still sound like speech.
+# Left out: robotic/effect voices, ed, iven and paul (their output clips) and
+# klatt6 and caleb (they sound exactly like klatt).
+VARIANTS = (
+    "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5",
+    "klatt", "klatt2", "klatt3", "klatt4", "klatt5",
+    "adam", "Alex", "Alicia", "Andrea", "Andy", "Annie", "anika", "aunty", "belinda",
+    "benjamin", "croak", "david", "Denis", "edward", "grandma", "grandpa",
+    "john", "Lee", "linda", "max", "Michael", "Mike", "norbert", "quincy", "rob",
+    "robert", "shelby", "steph", "travis", "victor", "whisper", "whisperf", "zac",
+)  # fmt: skip
+PITCH_RANGE = (30, 70)  # espeak-ng -p, 0-99, default 50
+SPEED_RANGE = (130, 200)  # espeak-ng -s, words per minute, default 175
+LEVEL_DB_RANGE = (-15.0, -3.0)  # peak level of the speaker's words, dBFS
+CLIP_GAIN_DB_RANGE = (-4.0, 2.0)  # per-clip gain on top of the speaker level
+NOISE_DB_RANGE = (-65.0, -50.0)  # RMS of the noise floor under each clip, dBFS
+NOISE_KINDS = ("white_noise", "pink_noise", "brown_noise", "running_tap")
+
+
+@dataclass(frozen=True)
+class Speaker:
+    """One synthetic speaker: everything that makes its voice differ from others.
+
+    The level is applied after synthesis instead of espeak-ng's `-a`, because
+    the raw output level differs a lot between variants (some clip at -a 100).
+    """
+
+    voice: str
+    variant: str
+    pitch: int
+    speed: int
+    level_db: float
+
+    @property
+    def id(self):
+        """Short stable hex id, the `<speaker>` part of speech_commands names."""
+        key = f"{self.voice}+{self.variant}|p{self.pitch}|s{self.speed}|l{self.level_db:.1f}"
+        return hashlib.sha1(key.encode()).hexdigest()[:8]
+
+    def espeak_args(self):
+        return ["-v", f"{self.voice}+{self.variant}", "-p", str(self.pitch), "-s", str(self.speed)]
+
+
+def choose_speakers(count, seed):
+    """Draw `count` distinct speakers from `seed`.
+
+    Accents go round-robin (in a seeded order) so that even 16 speakers cover
+    every accent; the rest is drawn at random.  The first k speakers do not
+    depend on `count`, so a larger dataset contains the smaller one's speakers.
+    """
+    rng = random.Random(seed)
+    voices = list(VOICES)
+    rng.shuffle(voices)
+    speakers, ids = [], set()
+    while len(speakers) < count:
+        speaker = Speaker(
+            voice=voices[len(speakers) % len(voices)],
+            variant=rng.choice(VARIANTS),
+            pitch=rng.randint(*PITCH_RANGE),
+            speed=rng.randint(*SPEED_RANGE),
+            level_db=round(rng.uniform(*LEVEL_DB_RANGE), 1),
+        )
+        if speaker.id not in ids:
+            ids.add(speaker.id)
+            speakers.append(speaker)
+    return speakers
+
+
+def ensure_espeak(installer=INSTALLER):
+    """Install espeak-ng with `installer` when it is not on PATH (fresh machines)."""
+    if shutil.which("espeak-ng"):
+        return
+    logger.warning("espeak-ng not found, installing it with %s", installer)
+    subprocess.run(["bash", str(installer)], check=True)
+    if not shutil.which("espeak-ng"):
+        raise SystemExit("espeak-ng is still not on PATH after running " + str(installer))
+
+
+def espeak_version():
+    result = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True, check=True)
+    return result.stdout.split("Data at:")[0].strip()
+
+
+def synthesize(text, speaker):
+    """Speak `text` with `speaker`; returns float32 samples and espeak's sample rate."""
+    result = subprocess.run(
+        ["espeak-ng", "--stdout", *speaker.espeak_args(), text], capture_output=True, check=True
+    )
+    audio, rate = sf.read(io.BytesIO(result.stdout), dtype="float32")
+    if audio.size == 0:
+        raise RuntimeError(f"espeak-ng produced no audio for {text!r} with {speaker}")
+    return audio, rate
+
+
+def trim_silence(audio, sample_rate, threshold_db=-40.0, frame_ms=10):
+    """Cut leading and trailing frames quieter than `threshold_db` below the peak.
+
+    espeak-ng pads its output with silence of varying length; without trimming
+    the random placement inside the 1 s clip would be biased by that padding.
+    """
+    frame = max(1, sample_rate * frame_ms // 1000)
+    frames = len(audio) // frame
+    if frames == 0:
+        return audio
+    rms = np.sqrt(np.mean(audio[: frames * frame].reshape(frames, frame) ** 2, axis=1))
+    loud = np.flatnonzero(rms > np.max(rms) * 10 ** (threshold_db / 20))
+    return audio[loud[0] * frame : (loud[-1] + 1) * frame]
+
+
+def place_in_clip(audio, clip_samples, rng, margin=800):
+    """Put `audio` at a random offset in a zero clip; longer audio keeps its start.
+
+    Up to `margin` samples (50 ms at 16 kHz) stay free at both ends when the
+    word is short enough, so time-shift augmentation does not cut it at once.
+    """
+    clip = np.zeros(clip_samples, dtype=np.float32)
+    audio = audio[:clip_samples]
+    margin = min(margin, (clip_samples - len(audio)) // 2)
+    offset = rng.randint(margin, clip_samples - len(audio) - margin)
+    clip[offset : offset + len(audio)] = audio
+    return clip
+
+
+def to_pcm16(audio):
+    return np.round(np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16)
+
+
+def make_clip(word, speaker, path, seed, sample_rate=SAMPLE_RATE, clip_samples=CLIP_SAMPLES):
+    """Synthesize `word` as `speaker` and write one 1 s clip to `path`.
+
+    Each clip has its own random generator, seeded from the dataset seed, the
+    speaker and the word, so the result does not depend on worker scheduling.
+    Returns the length of the spoken word in seconds (before any cut to 1 s).
+    """
+    rng = random.Random(f"{seed}:{speaker.id}:{word}")
+    audio, rate = synthesize(word, speaker)
+    audio = soxr.resample(audio, rate, sample_rate, quality="HQ").astype(np.float32)
+    audio = trim_silence(audio, sample_rate)
+    word_seconds = len(audio) / sample_rate
+    peak_db = speaker.level_db + rng.uniform(*CLIP_GAIN_DB_RANGE)
+    audio *= 10 ** (min(peak_db, -1.0) / 20) / np.max(np.abs(audio))
+    clip = place_in_clip(audio, clip_samples, rng)
+    noise_rms = 10 ** (rng.uniform(*NOISE_DB_RANGE) / 20)
+    noise = np.random.default_rng(rng.getrandbits(64)).standard_normal(clip_samples)
+    clip += (noise * noise_rms).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, to_pcm16(clip), sample_rate, subtype="PCM_16")
+    return word_seconds
+
+
+def _make_clip_job(job):
+    return make_clip(*job)
+
+
+def shaped_noise(samples, sample_rate, rng, exponent=0.0, band=(20.0, None)):
+    """Gaussian noise whose amplitude spectrum falls as 1/f**exponent inside `band`.
+
+    exponent 0 is white, 0.5 pink, 1 brown (red) noise.
+    """
+    spectrum = np.fft.rfft(rng.standard_normal(samples))
+    freqs = np.fft.rfftfreq(samples, 1 / sample_rate)
+    low, high = band
+    gain = np.maximum(freqs, low) ** -exponent
+    gain[freqs < low] = 0.0
+    if high is not None:
+        gain[freqs > high] = 0.0
+    return np.fft.irfft(spectrum * gain, n=samples)
+
+
+def running_tap(samples, sample_rate, rng):
+    """Water-like noise: band-limited hiss that swells and ebbs, plus droplet plinks."""
+    hiss = shaped_noise(samples, sample_rate, rng, exponent=0.3, band=(300.0, 6000.0))
+    hiss /= np.std(hiss)
+    swell = shaped_noise(samples, sample_rate, rng, exponent=0.0, band=(0.5, 6.0))
+    hiss *= 1.0 + 0.5 * swell / np.max(np.abs(swell))
+    drops = np.zeros(samples)
+    count = int(25 * samples / sample_rate)
+    t = np.arange(int(0.03 * sample_rate)) / sample_rate
+    for start, freq in zip(
+        rng.integers(0, samples - len(t), count), rng.uniform(400.0, 2500.0, count), strict=True
+    ):
+        drops[start : start + len(t)] += np.sin(2 * np.pi * freq * t) * np.exp(-t / 0.006)
+    return hiss + 3.0 * drops
+
+
+def make_noise(kind, seconds, sample_rate, rng):
+    """One long background-noise recording, at about -20 dBFS RMS."""
+    samples = int(seconds * sample_rate)
+    if kind == "running_tap":
+        noise = running_tap(samples, sample_rate, rng)
+    else:
+        exponent = {"white_noise": 0.0, "pink_noise": 0.5, "brown_noise": 1.0}[kind]
+        noise = shaped_noise(samples, sample_rate, rng, exponent=exponent)
+    noise *= 0.1 / np.std(noise)
+    return noise / max(1.0, np.max(np.abs(noise)) / 0.95)
+
+
+def write_background_noise(out_dir, seconds, seed, sample_rate=SAMPLE_RATE):
+    """Write the `_background_noise_` folder that silence and noise mixing read from."""
+    folder = out_dir / BACKGROUND_NOISE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, kind in enumerate(NOISE_KINDS):
+        rng = np.random.default_rng([seed, index])
+        noise = make_noise(kind, seconds, sample_rate, rng)
+        sf.write(folder / f"{kind}.wav", to_pcm16(noise), sample_rate, subtype="PCM_16")
+
+
+def write_readme(out_dir, command, words, unknown_words, speakers, noise_seconds, version):
+    """Record how the data was made, next to the data."""
+    rows = "\n".join(
+        f"| {s.id} | {s.voice} | {s.variant} | {s.pitch} | {s.speed} | {s.level_db:.1f} |"
+        for s in speakers
+    )
+    noise = (
+        f"`{BACKGROUND_NOISE_DIR}/` holds {len(NOISE_KINDS)} noise recordings of "
+        f"{noise_seconds:g} s each\n  ({', '.join(NOISE_KINDS)}), synthesized with numpy."
+        if noise_seconds > 0
+        else f"There is no `{BACKGROUND_NOISE_DIR}/` folder."
+    )
+    all_words = list(words) + list(unknown_words)
+    low, high = NOISE_DB_RANGE
+    text = f"""# Synthetic speech keyword dataset
+
+Made by `scripts/make_demo_data.py` with the espeak-ng speech synthesizer
+({version}):
+
+    {command}
+
+- {len(all_words)} words, {len(speakers)} speakers, {len(all_words) * len(speakers)} clips:
+  every speaker says every word once.
+- Keywords: {", ".join(words)}.
+- Unknown (filler) words: {", ".join(unknown_words) or "none"}.
+- Layout and format as in speech_commands: `<word>/<speaker>_nohash_0.wav`,
+  1 s clips of 16 kHz, 16-bit PCM, mono.
+- {noise}
+
+Each clip is the espeak-ng output resampled to 16 kHz (soxr), trimmed of its
+leading and trailing silence, scaled to the speaker's level with a small random
+gain, placed at a random offset inside 1 s of zeros (words longer than 1 s keep
+their first second) and mixed with white noise at {low:g} to {high:g} dBFS RMS,
+so that silence is not digital zero. A speaker is one combination of espeak-ng
+accent (`-v`), voice variant (`+variant`), pitch (`-p`), speed (`-s`, words per
+minute) and peak level; its id is the start of a SHA-1 of those parameters:
+
+| speaker | voice | variant | pitch | speed | level (dBFS) |
+|---|---|---|---|---|---|
+{rows}
+
+The words are synthetic speech: good for demos, smoke tests and benchmarks of
+the pipeline, not for claims about accuracy on real speech.
+
+License: synthetic data, made by this project; same license as the project
+(Apache-2.0).
+"""
+    (out_dir / "README.md").write_text(text)
+
+
+def parse_words(text, default):
+    """Comma-separated words; "all30"/"all35" are the speech_commands vocabularies."""
+    if text is None:
+        return list(default)
+    if text.strip() in ("all30", "all35"):
+        return list(SPEECH_COMMANDS_WORDS[: int(text.strip()[3:])])
+    return [word.strip() for word in text.split(",") if word.strip()]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("data/demo"), help="output folder")
+    parser.add_argument("--speakers", type=int, default=16, help="number of synthetic speakers")
+    parser.add_argument(
+        "--words",
+        help='comma-separated keywords, or "all30"/"all35" for the speech_commands '
+        f"vocabularies (default: {','.join(DEFAULT_WORDS)})",
+    )
+    parser.add_argument(
+        "--unknown-words",
+        help="comma-separated filler words, may be empty "
+        f"(default: {','.join(DEFAULT_UNKNOWN_WORDS)})",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed for everything")
+    parser.add_argument(
+        "--noise-seconds",
+        type=float,
+        default=6.0,
+        help="length of each _background_noise_ file; 0 writes none",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1, help="worker processes"
+    )
+    args = parser.parse_args(argv)
+    args.words = parse_words(args.words, DEFAULT_WORDS)
+    args.unknown_words = [
+        w for w in parse_words(args.unknown_words, DEFAULT_UNKNOWN_WORDS) if w not in args.words
+    ]
+    if args.speakers < 1 or not args.words:
+        parser.error("need at least one speaker and one word")
+    return args
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    ensure_espeak()
+    started = time.monotonic()
+    speakers = choose_speakers(args.speakers, args.seed)
+    words = args.words + args.unknown_words
+    jobs = [
+        (word, speaker, args.out / word / f"{speaker.id}_nohash_0.wav", args.seed)
+        for word in words
+        for speaker in speakers
+    ]
+    stale = set(args.out.glob("*/*_nohash_*.wav")) - {job[2] for job in jobs}
+    if stale:
+        logger.warning("%s already holds %d other clips, left as they are", args.out, len(stale))
+    logger.info(
+        "Writing %d clips (%d words x %d speakers) to %s with %d workers",
+        len(jobs), len(words), len(speakers), args.out, args.jobs,
+    )
+    if args.jobs > 1:
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            chunksize = max(1, len(jobs) // (args.jobs * 8))
+            results = pool.map(_make_clip_job, jobs, chunksize=chunksize)
+            word_seconds = list(tqdm(results, total=len(jobs), unit="clip", disable=None))
+    else:
+        word_seconds = [_make_clip_job(job) for job in tqdm(jobs, unit="clip", disable=None)]
+    too_long = sum(seconds > CLIP_SAMPLES / SAMPLE_RATE for seconds in word_seconds)
+    logger.info(
+        "Spoken words last %.2f-%.2f s (mean %.2f s); %d longer than 1 s were cut",
+        min(word_seconds), max(word_seconds), np.mean(word_seconds), too_long,
+    )
+    if args.noise_seconds > 0:
+        write_background_noise(args.out, args.noise_seconds, args.seed)
+    given = sys.argv[1:] if argv is None else argv
+    command = shlex.join(["python", "scripts/make_demo_data.py", *given])
+    write_readme(
+        args.out, command, args.words, args.unknown_words, speakers, args.noise_seconds,
+        espeak_version(),
+    )
+    logger.info("Done in %.1f s", time.monotonic() - started)
+
+
+if __name__ == "__main__":
+    main()
