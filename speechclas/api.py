@@ -1,0 +1,352 @@
+"""DEEPaaS V2 entry point (``deepaas.v2.model: speechclas = speechclas.api``): glue only.
+
+The work is done by `speechclas.predict` and `speechclas.train`; this module
+declares the arguments, delegates, logs, and turns errors into HTTP answers.
+How DEEPaaS 2.6 runs it decides the shape:
+
+- ``predict``, ``train`` and ``warm`` run in DEEPaaS's pool of ``--workers``
+  spawned processes, which import this module and receive our functions
+  pickled by reference. What a worker loads can therefore only outlive one
+  call in module state: `_state` (see `_ProcessState`).
+- ``get_metadata``, ``get_*_args`` and the argument validators run in the main
+  process, before a request is handed to a worker: a bad argument is refused
+  there with DEEPaaS's 422, without occupying a worker.
+- Whatever ``predict`` raises in the worker is pickled back and re-raised in
+  DEEPaaS's request handler. A plain exception becomes a bare 500; an aiohttp
+  ``HTTPException`` would be answered as is, but aiohttp's own cannot be
+  unpickled, which kills the pool's result thread and hangs every later
+  request (DEEPaaS #174, #123). `_HTTPError` survives the trip, so the 4xx
+  of a bad input reaches the client with its message.
+- A training runs in the same pool; what it raises becomes the ``message`` of
+  its ``error`` status, so it is turned into one plain picklable exception.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import marshmallow
+from aiohttp import web
+from marshmallow import ValidationError, fields, validate
+
+from speechclas.audio import AudioError
+from speechclas.config import (
+    ConfigError,
+    ParamSpec,
+    coerce_value,
+    default_config_path,
+    load_config,
+    load_param_specs,
+)
+from speechclas.fetch import FetchError, env_allows_private
+from speechclas.predict import (
+    DEFAULT_TOP_K,
+    InputError,
+    PredictorCache,
+    max_audio_bytes,
+    predict_request,
+)
+from speechclas.rundir import RunNotFoundError, find_run
+
+logger = logging.getLogger(__name__)
+
+MAX_TOP_K = 100
+_PACKAGE = "speechclas"
+
+
+class _ProcessState:
+    """What one process keeps between DEEPaaS calls: the loaded runs, and the
+    models folder of etc/config.yaml (parsing it costs more than a prediction,
+    so it is read again only when the file changes). Empty until first used."""
+
+    def __init__(self) -> None:
+        self.predictors = PredictorCache()
+        self._models_dir: tuple[tuple[str, int], Path] | None = None
+
+    def models_dir(self) -> Path:
+        config_path = default_config_path()
+        stamp = (str(config_path), config_path.stat().st_mtime_ns)
+        if self._models_dir is None or self._models_dir[0] != stamp:
+            self._models_dir = (stamp, load_config(path=config_path).path("models_dir"))
+        return self._models_dir[1]
+
+
+_state = _ProcessState()
+
+
+class _HTTPError:
+    """An aiohttp HTTP error with a JSON ``{"message": ...}`` body that survives
+    pickling between a DEEPaaS worker and the server (see the module doc)."""
+
+    def __init__(self, message: str):
+        super().__init__(text=json.dumps({"message": message}), content_type="application/json")
+        self.message = message
+
+    def __reduce__(self):
+        return type(self), (self.message,)
+
+
+class BadRequest(_HTTPError, web.HTTPBadRequest):
+    pass
+
+
+class NotFound(_HTTPError, web.HTTPNotFound):
+    pass
+
+
+class PredictionFailed(_HTTPError, web.HTTPInternalServerError):
+    pass
+
+
+class TrainingFailed(RuntimeError):
+    """A training that stopped; DEEPaaS shows the message in the training status."""
+
+
+def _ensure_worker_logging() -> None:
+    # DEEPaaS configures logging in its main process only; spawned workers start bare.
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@contextlib.contextmanager
+def _http_errors():
+    """Translate what a client can cause into 4xx, anything else into a 500 with a message."""
+    try:
+        yield
+    except RunNotFoundError as exc:
+        logger.info("Prediction refused (404): %s", exc)
+        raise NotFound(str(exc)) from None
+    except (InputError, AudioError, FetchError) as exc:
+        logger.info("Prediction refused (400): %s", exc)
+        raise BadRequest(str(exc)) from None
+    except Exception as exc:
+        logger.exception("Prediction failed")
+        raise PredictionFailed(f"prediction failed ({type(exc).__name__}): {exc}") from None
+
+
+# --- metadata and warm-up ---------------------------------------------------
+
+
+def _served_model() -> dict[str, Any] | None:
+    """Run, labels and audio settings of the model served by default (read from disk)."""
+    try:
+        run = find_run(_state.models_dir())
+        model_settings = json.loads(run.conf_path.read_text()).get("model_settings", {})
+        return {"run": run.name, "labels": run.labels(), "settings": model_settings}
+    except RunNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        logger.warning("Cannot describe the served model: %s", exc)
+        return None
+
+
+def get_metadata() -> dict[str, Any]:
+    meta = importlib.metadata.metadata(_PACKAGE)
+    summary = meta.get("Summary", "")
+    return {
+        "name": meta["Name"],
+        "version": meta["Version"],
+        "summary": summary,
+        "description": summary,
+        "author": meta.get("Author", ""),
+        "author-email": meta.get("Author-email", ""),
+        "license": meta.get("License", ""),
+        "url": meta.get("Home-page", ""),
+        "model": _served_model(),
+    }
+
+
+def warm() -> None:
+    """Load the served model in this worker; without one the service still starts (and can train)."""
+    _ensure_worker_logging()
+    try:
+        predictor = _state.predictors.get(find_run(_state.models_dir()))
+    except RunNotFoundError as exc:
+        logger.info("No model to load yet: %s", exc)
+        return
+    except Exception:
+        logger.exception("Could not load the served model; predictions will report the error")
+        return
+    logger.info("Serving run %s", predictor.run.name)
+
+
+# --- prediction ---------------------------------------------------------------
+
+
+class _Label(marshmallow.Schema):
+    label = fields.Str(required=True)
+    probability = fields.Float(required=True)
+
+
+class _Window(marshmallow.Schema):
+    start_s = fields.Float(required=True, metadata={"description": "Start of the scored window in the clip (s)"})
+    end_s = fields.Float(required=True, metadata={"description": "End of the scored audio in the clip (s)"})
+    selection = fields.Str(
+        required=True,
+        validate=validate.OneOf(["whole", "padded", "loudest"]),
+        metadata={"description": "whole clip, padded (shorter than the window) or loudest window (longer)"},
+    )
+
+
+class PredictionResponse(marshmallow.Schema):
+    status = fields.Str(required=True, validate=validate.Equal("ok"))
+    predictions = fields.List(
+        fields.Nested(_Label), required=True, metadata={"description": "Top labels, most probable first"}
+    )
+    run = fields.Str(required=True, metadata={"description": "Run (models/ folder) that answered"})
+    duration_s = fields.Float(required=True, metadata={"description": "Duration of the input (s)"})
+    sample_rate = fields.Int(required=True, metadata={"description": "Sample rate of the input (Hz)"})
+    channels = fields.Int(required=True, metadata={"description": "Channels of the input (mixed to mono)"})
+    window = fields.Nested(_Window, required=True)
+
+
+schema = PredictionResponse
+
+
+def _upload_check(max_bytes: int):
+    """Validator of the ``data`` field: a real file upload no larger than `max_bytes`."""
+
+    def check(value) -> None:
+        if not isinstance(value, web.FileField):
+            raise ValidationError("'data' must be an uploaded file (multipart form, e.g. curl -F data=@clip.wav)")
+        size = value.file.seek(0, os.SEEK_END)
+        value.file.seek(0)
+        if size > max_bytes:
+            raise ValidationError(
+                f"the file {value.filename!r} is {size} bytes; the largest accepted is {max_bytes} bytes"
+            )
+
+    return check
+
+
+def get_predict_args() -> dict[str, fields.Field]:
+    return {
+        "data": fields.Field(
+            validate=_upload_check(max_audio_bytes()),
+            metadata={
+                "type": "file",
+                "location": "form",
+                "description": "Audio file to classify (wav of any bit depth, rate and channel count; "
+                "flac and ogg too). Send this or 'urls'.",
+            },
+        ),
+        "urls": fields.Str(
+            validate=validate.URL(
+                schemes={"http", "https"}, require_tld=False, error="'urls' must be an http(s) URL, got {input!r}"
+            ),
+            metadata={"description": "URL of an audio file to download and classify. Send this or 'data'."},
+        ),
+        "run": fields.Str(
+            metadata={
+                "description": "Model to use: a run folder in models/ (YYYY-MM-DD_HHMMSS) or 'api'. "
+                "Default: models/api if present, else the newest finished run."
+            }
+        ),
+        "top_k": fields.Int(
+            load_default=DEFAULT_TOP_K,
+            validate=validate.Range(min=1, max=MAX_TOP_K),
+            metadata={"description": "Number of labels to return, most probable first."},
+        ),
+    }
+
+
+def predict(**args) -> dict[str, Any]:
+    _ensure_worker_logging()
+    upload = args.get("data")
+    try:
+        with _http_errors():
+            result = predict_request(
+                _state.predictors,
+                _state.models_dir(),
+                file=Path(upload.filename) if upload is not None else None,
+                file_name=upload.original_filename if upload is not None else None,
+                url=args.get("urls"),
+                run=args.get("run"),
+                top_k=args.get("top_k", DEFAULT_TOP_K),
+                max_bytes=max_audio_bytes(),
+                allow_private_urls=env_allows_private(),
+            )
+    finally:
+        if upload is not None:  # DEEPaaS copies each upload to a temp file it never removes
+            Path(upload.filename).unlink(missing_ok=True)
+    logger.info("Predicted with run %s: %s", result["run"], result["predictions"][0])
+    return {"status": "ok", **result}
+
+
+# --- training -----------------------------------------------------------------
+
+_SWAGGER_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}
+
+
+class ConfigArgument(fields.Field):
+    """One etc/config.yaml parameter as a train argument.
+
+    Values are converted by `config.coerce_value`, so the API refuses exactly
+    what the CLI refuses, with messages that name the parameter. The first
+    argument given also checks the rules that tie parameters together (as
+    many learning rates as stages...), so those are refused before dispatch too.
+    """
+
+    def __init__(self, spec: ParamSpec, specs: dict[str, ParamSpec]):
+        is_list = spec.type.startswith("list[")
+        metadata: dict[str, Any] = {
+            "description": spec.help + (" Comma-separated." if is_list else ""),
+            "type": "string" if is_list else _SWAGGER_TYPES[spec.type],
+            "doc_default": ",".join(str(item) for item in spec.default) if is_list else spec.default,
+        }
+        if spec.choices is not None and not is_list:
+            metadata["enum"] = list(spec.choices)
+        if spec.range is not None and not is_list:
+            metadata["minimum"], metadata["maximum"] = spec.range
+        super().__init__(metadata=metadata)
+        self.spec = spec
+        self.specs = specs
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        try:
+            converted = coerce_value(self.spec, value)
+        except ConfigError as exc:
+            raise ValidationError(str(exc)) from None
+        given = [name for name in self.specs if name in data]
+        if given[0] == self.spec.name:
+            _check_together(data, self.specs)
+        return list(converted) if isinstance(converted, tuple) else converted
+
+
+def _check_together(data, specs: dict[str, ParamSpec]) -> None:
+    valid = {}
+    for name, raw in data.items():
+        if name not in specs:
+            continue
+        with contextlib.suppress(ConfigError):  # a bad single value is reported by its own field
+            valid[name] = coerce_value(specs[name], raw)
+    try:
+        load_config(valid, specs=specs)
+    except ConfigError as exc:
+        raise ValidationError(str(exc)) from None
+
+
+def get_train_args() -> dict[str, fields.Field]:
+    specs = load_param_specs()
+    return {name: ConfigArgument(spec, specs) for name, spec in specs.items()}
+
+
+def train(**args) -> dict[str, Any]:
+    """Train with the defaults of etc/config.yaml and the given arguments; answers the run's summary."""
+    _ensure_worker_logging()
+    from speechclas.train import train as run_training  # TensorFlow, in the worker only
+
+    try:
+        config = load_config(args)
+        logger.info("Training requested through the API with %s", args or "the defaults")
+        return run_training(config, progress=False).summary()
+    except Exception as exc:
+        logger.exception("Training failed")
+        message = str(exc) if isinstance(exc, (ValueError, LookupError, OSError)) else f"{type(exc).__name__}: {exc}"
+        raise TrainingFailed(message) from None

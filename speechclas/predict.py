@@ -1,0 +1,218 @@
+"""Scoring audio with a finished run: load it once, decode any clip, top-k labels.
+
+A `Predictor` holds one run's SavedModel (its ``audio`` signature, which has
+the feature extraction inside), its labels and its window size. Audio is
+decoded by `speechclas.audio` exactly as in training; a clip longer than the
+window is scored on its loudest window and a shorter one is padded, and the
+answer says which happened. `predict_request` is the one prediction that the
+DEEPaaS API and ``speechclas-predict`` both answer.
+
+TensorFlow is imported only when a model is loaded, so DEEPaaS's main process,
+which imports this module through ``speechclas.api`` but only routes
+requests, stays small.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from speechclas.audio import DecodedAudio, decode_audio, loudest_window
+from speechclas.fetch import fetch_url, redact_url
+from speechclas.rundir import RunDir, find_run
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TOP_K = 5
+DEFAULT_MAX_AUDIO_BYTES = 16 * 1024 * 1024
+MAX_AUDIO_BYTES_ENV = "SPEECHCLAS_MAX_AUDIO_BYTES"
+URL_CONNECT_TIMEOUT_S = 5.0
+URL_READ_TIMEOUT_S = 30.0
+# conf.json keys that fix what the exported model expects as input.
+_FEATURE_KEYS = (
+    "sample_rate",
+    "clip_duration_ms",
+    "window_size_ms",
+    "window_stride_ms",
+    "feature_bin_count",
+    "preprocess",
+)
+
+
+def max_audio_bytes() -> int:
+    """Largest audio upload or download accepted (operator setting ``SPEECHCLAS_MAX_AUDIO_BYTES``)."""
+    raw = os.environ.get(MAX_AUDIO_BYTES_ENV, "").strip()
+    return int(raw) if raw else DEFAULT_MAX_AUDIO_BYTES
+
+
+class InputError(ValueError):
+    """A prediction request that cannot be served as asked (no input, two inputs...)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Window:
+    """The part of the clip the model scored, in seconds of the clip.
+
+    ``selection`` is ``whole`` (the clip is exactly one window), ``padded``
+    (shorter: zeros appended) or ``loudest`` (longer: the loudest window).
+    """
+
+    start_s: float
+    end_s: float
+    selection: str
+
+
+def choose_window(samples: np.ndarray, window_samples: int, hop_samples: int, sample_rate: int):
+    """The model's input for a clip of any length, and where it came from."""
+    if len(samples) > window_samples:
+        clip, start = loudest_window(samples, window_samples, hop_samples)
+        selection = "loudest"
+    else:
+        clip = np.pad(samples, (0, window_samples - len(samples)))
+        start = 0
+        selection = "whole" if len(samples) == window_samples else "padded"
+    end = start + min(len(samples), window_samples)
+    return clip, Window(round(start / sample_rate, 3), round(end / sample_rate, 3), selection)
+
+
+def run_sample_rate(run: RunDir) -> int:
+    """The rate a run's model works at, from its conf.json (no model loading)."""
+    conf = json.loads(run.conf_path.read_text())
+    return int(conf.get("model_settings", conf)["sample_rate"])
+
+
+def feature_sizes(conf: dict[str, Any]):
+    """`FeatureSettings` of a run from its conf.json (grouped as written by training)."""
+    from speechclas.features import feature_settings  # imports TensorFlow
+
+    model_settings = conf.get("model_settings", conf)
+    return feature_settings(**{key: model_settings[key] for key in _FEATURE_KEYS})
+
+
+class Predictor:
+    """One finished run, loaded once and ready to score clips."""
+
+    def __init__(self, run: RunDir, labels: list[str], settings, signature):
+        self.run = run
+        self.labels = labels
+        self.settings = settings
+        self._signature = signature
+
+    @classmethod
+    def load(cls, run: RunDir) -> Predictor:
+        import tensorflow as tf
+
+        from speechclas.export import AUDIO_SIGNATURE
+
+        settings = feature_sizes(json.loads(run.conf_path.read_text()))
+        labels = run.labels()
+        signature = tf.saved_model.load(str(run.saved_model_dir)).signatures[AUDIO_SIGNATURE]
+        predictor = cls(run, labels, settings, signature)
+        # The first call traces the graph; pay that here, not in the first request.
+        outputs = predictor.probabilities(np.zeros(settings.desired_samples, np.float32))
+        if len(outputs) != len(labels):
+            raise RuntimeError(
+                f"run {run.name}: the model has {len(outputs)} outputs but labels.txt has {len(labels)} labels"
+            )
+        logger.info("Loaded run %s (%d labels) from %s", run.name, len(labels), run.root)
+        return predictor
+
+    def probabilities(self, clip: np.ndarray) -> np.ndarray:
+        """Softmax over the labels for one window of `desired_samples` samples."""
+        outputs = self._signature(audio=clip.reshape(1, -1).astype(np.float32, copy=False))
+        return next(iter(outputs.values())).numpy()[0]
+
+    def predict(self, audio: DecodedAudio, top_k: int = DEFAULT_TOP_K) -> dict[str, Any]:
+        """Top-k labels of a decoded clip (at the model's rate), JSON-ready."""
+        if audio.sample_rate != self.settings.sample_rate:
+            raise ValueError(f"audio at {audio.sample_rate} Hz given to a {self.settings.sample_rate} Hz model")
+        clip, window = choose_window(
+            audio.samples, self.settings.desired_samples, self.settings.window_stride_samples, audio.sample_rate
+        )
+        scores = self.probabilities(clip)
+        best = np.argsort(-scores, kind="stable")[: max(1, top_k)]
+        return {
+            "predictions": [{"label": self.labels[i], "probability": round(float(scores[i]), 6)} for i in best],
+            "run": self.run.name,
+            "duration_s": round(audio.duration_s, 3),
+            "sample_rate": audio.original_sample_rate,
+            "channels": audio.original_channels,
+            "window": dataclasses.asdict(window),
+        }
+
+
+class PredictorCache:
+    """The last few runs loaded, so a run is loaded once and not per request.
+
+    Keyed by run folder and the time its DONE marker was written, so a
+    ``models/api`` folder replaced by an operator is loaded again.
+    """
+
+    def __init__(self, max_runs: int = 3):
+        self.max_runs = max_runs
+        self._loaded: collections.OrderedDict[tuple[str, int], Predictor] = collections.OrderedDict()
+
+    def get(self, run: RunDir) -> Predictor:
+        key = (str(run.root), run.done_path.stat().st_mtime_ns)
+        predictor = self._loaded.get(key)
+        if predictor is None:
+            predictor = Predictor.load(run)
+            self._loaded[key] = predictor
+            while len(self._loaded) > self.max_runs:
+                self._loaded.popitem(last=False)
+        self._loaded.move_to_end(key)
+        return predictor
+
+
+def download_audio(url: str, max_bytes: int, allow_private: bool) -> bytes:
+    """The body of an http(s) URL, fetched safely into a private temp folder that is always removed."""
+    with tempfile.TemporaryDirectory(prefix="speechclas-url-") as folder:
+        path = fetch_url(
+            url,
+            folder,
+            max_bytes=max_bytes,
+            allow_private=allow_private,
+            connect_timeout=URL_CONNECT_TIMEOUT_S,
+            read_timeout=URL_READ_TIMEOUT_S,
+        )
+        return path.read_bytes()
+
+
+def predict_request(
+    predictors: PredictorCache,
+    models_dir: Path,
+    *,
+    file: Path | None = None,
+    file_name: str | None = None,
+    url: str | None = None,
+    run: str | None = None,
+    top_k: int = DEFAULT_TOP_K,
+    max_bytes: int = DEFAULT_MAX_AUDIO_BYTES,
+    allow_private_urls: bool = False,
+) -> dict[str, Any]:
+    """Score exactly one input, a local file or a URL, with the chosen (or served) run.
+
+    Raises InputError, audio.AudioError, fetch.FetchError and
+    rundir.RunNotFoundError with messages meant for the caller.
+    """
+    if file is None and not url:
+        raise InputError("send an audio file (form field 'data') or the URL of one (field 'urls')")
+    if file is not None and url:
+        raise InputError("send either an audio file ('data') or a URL ('urls'), not both")
+    run_dir = find_run(models_dir, run)
+    # Decode before loading the model, so a bad input is refused without waiting for TensorFlow.
+    rate = run_sample_rate(run_dir)
+    if file is not None:
+        audio = decode_audio(file, rate, name=f"the file {file_name or Path(file).name!r}")
+    else:
+        data = download_audio(url, max_bytes, allow_private_urls)
+        audio = decode_audio(data, rate, name=f"the download of {redact_url(url)}")
+    return predictors.get(run_dir).predict(audio, top_k)

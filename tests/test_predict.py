@@ -1,0 +1,227 @@
+"""Predictor on a real trained run: any wav in, top-k out; the request rules shared by API and CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import soundfile
+
+from speechclas.audio import AudioError, decode_audio
+from speechclas.cli import predict_main
+from speechclas.fetch import FetchError
+from speechclas.predict import (
+    InputError,
+    Predictor,
+    PredictorCache,
+    choose_window,
+    predict_request,
+)
+from speechclas.rundir import RunNotFoundError
+from tests.conftest import demo_clip, wav_bytes
+from tests.http_server import respond, serve_directory
+
+
+@pytest.fixture(scope="module")
+def predictor(trained_run):
+    return Predictor.load(trained_run)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    samples, rate = soundfile.read(demo_clip("yes"), dtype="float32")
+    assert rate == 16000
+    return samples
+
+
+def predict_bytes(predictor, data: bytes, top_k: int = 5):
+    return predictor.predict(decode_audio(data, predictor.settings.sample_rate), top_k)
+
+
+def probabilities(result) -> dict[str, float]:
+    return {p["label"]: p["probability"] for p in result["predictions"]}
+
+
+def test_predictor_takes_labels_and_window_from_the_run(predictor, trained_run):
+    assert predictor.labels == trained_run.labels()
+    assert predictor.labels[:2] == ["_silence_", "_unknown_"]
+    assert predictor.settings.desired_samples == 16000
+    assert predictor.settings.sample_rate == 16000
+
+
+def test_top5_of_a_demo_clip(predictor, trained_run, clip):
+    result = predict_bytes(predictor, demo_clip("yes").read_bytes())
+    scores = [p["probability"] for p in result["predictions"]]
+    assert len(scores) == 5
+    assert scores == sorted(scores, reverse=True)
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    assert {p["label"] for p in result["predictions"]} <= set(predictor.labels)
+    assert result["run"] == trained_run.name
+    assert result["sample_rate"] == 16000 and result["channels"] == 1
+    assert result["duration_s"] == 1.0
+    assert result["window"] == {"start_s": 0.0, "end_s": 1.0, "selection": "whole"}
+
+
+def test_top_k_is_bounded_by_the_labels(predictor, clip):
+    data = wav_bytes(clip, 16000)
+    assert len(predict_bytes(predictor, data, top_k=3)["predictions"]) == 3
+    every = predict_bytes(predictor, data, top_k=50)["predictions"]
+    assert len(every) == len(predictor.labels)
+    assert sum(p["probability"] for p in every) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "subtype, file_format",
+    [("PCM_24", "WAV"), ("PCM_32", "WAV"), ("FLOAT", "WAV"), ("PCM_16", "FLAC")],
+)
+def test_lossless_encodings_score_like_16_bit(predictor, clip, subtype, file_format):
+    reference = probabilities(predict_bytes(predictor, wav_bytes(clip, 16000)))
+    other = probabilities(predict_bytes(predictor, wav_bytes(clip, 16000, subtype, file_format)))
+    assert other == pytest.approx(reference, abs=1e-5)
+
+
+def test_stereo_is_mixed_to_mono(predictor, clip):
+    reference = probabilities(predict_bytes(predictor, wav_bytes(clip, 16000)))
+    result = predict_bytes(predictor, wav_bytes(np.stack([clip, clip], axis=1), 16000))
+    assert result["channels"] == 2
+    assert probabilities(result) == pytest.approx(reference, abs=1e-5)
+
+
+@pytest.mark.parametrize("rate, subtype", [(8000, "PCM_U8"), (44100, "PCM_16"), (48000, "FLOAT")])
+def test_other_rates_and_8_bit_are_resampled(predictor, clip, rate, subtype):
+    import soxr
+
+    result = predict_bytes(predictor, wav_bytes(soxr.resample(clip, 16000, rate), rate, subtype))
+    assert result["sample_rate"] == rate
+    assert result["duration_s"] == pytest.approx(1.0, abs=1e-3)
+    assert sum(probabilities(result).values()) <= 1.0 + 1e-6
+
+
+def test_long_clip_is_scored_on_its_loudest_window(predictor, clip):
+    long_clip = np.zeros(3 * 16000, np.float32)
+    long_clip[28000:44000] = clip  # the word starts at 1.75 s
+    peak_s = (28000 + int(np.argmax(np.abs(clip)))) / 16000
+    result = predict_bytes(predictor, wav_bytes(long_clip, 16000))
+    window = result["window"]
+    assert result["duration_s"] == 3.0
+    assert window["selection"] == "loudest"
+    assert window["end_s"] - window["start_s"] == pytest.approx(1.0)
+    assert window["start_s"] <= peak_s <= window["end_s"]
+
+
+def test_short_clip_is_padded(predictor, clip):
+    result = predict_bytes(predictor, wav_bytes(clip[1000:10600], 16000))
+    assert result["duration_s"] == 0.6
+    assert result["window"] == {"start_s": 0.0, "end_s": 0.6, "selection": "padded"}
+
+
+def test_choose_window_keeps_the_loudest_part():
+    samples = np.zeros(500, np.float32)
+    samples[300:320] = 1.0
+    window, where = choose_window(samples, 100, 10, sample_rate=100)
+    assert len(window) == 100 and window.sum() == 20
+    assert where.selection == "loudest" and where.start_s <= 3.0 and where.end_s >= 3.2
+
+
+def test_cache_loads_a_run_once_and_again_when_replaced(trained_run):
+    cache = PredictorCache(max_runs=1)
+    first = cache.get(trained_run)
+    assert cache.get(trained_run) is first
+    stat = trained_run.done_path.stat()
+    os.utime(trained_run.done_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    assert cache.get(trained_run) is not first
+
+
+# --- predict_request: what the API and the CLI both answer ---------------------------
+
+
+def test_exactly_one_input_is_required(trained_run, tmp_path):
+    models_dir = trained_run.root.parent
+    with pytest.raises(InputError, match="send an audio file"):
+        predict_request(PredictorCache(), models_dir)
+    with pytest.raises(InputError, match="not both"):
+        predict_request(PredictorCache(), models_dir, file=demo_clip(), url="http://example.org/a.wav")
+
+
+def test_no_trained_model_is_reported(tmp_path):
+    with pytest.raises(RunNotFoundError, match="train one first"):
+        predict_request(PredictorCache(), tmp_path / "models", file=demo_clip())
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """Route tempfile into a folder of this test, to see what a request leaves behind."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def test_url_is_fetched_and_scored_like_the_file(trained_run, private_tmp):
+    models_dir = trained_run.root.parent
+    cache = PredictorCache()
+    from_file = predict_request(cache, models_dir, file=demo_clip("no"))
+    with serve_directory(demo_clip("no").parent) as base:
+        from_url = predict_request(
+            cache, models_dir, url=f"{base}/{demo_clip('no').name}", allow_private_urls=True
+        )
+    assert from_url == from_file
+    assert list(private_tmp.iterdir()) == []
+
+
+def test_loopback_url_is_refused_unless_allowed(trained_run):
+    with serve_directory(demo_clip().parent) as base, pytest.raises(FetchError, match="loopback"):
+        predict_request(PredictorCache(), trained_run.root.parent, url=f"{base}/{demo_clip().name}")
+
+
+@pytest.mark.parametrize(
+    "route, error, message",
+    [
+        (respond(b"<html>not audio</html>", headers={"Content-Type": "audio/wav"}), AudioError, "not a readable"),
+        (respond(b"gone", status=404), FetchError, "HTTP 404"),
+        (respond(b"\0" * 5000), FetchError, "larger than 4000 bytes"),
+    ],
+    ids=["not-audio", "http-404", "too-large"],
+)
+def test_bad_urls_are_refused(trained_run, private_tmp, route, error, message):
+    routes = {"/clip.wav": route}
+    with serve_directory(private_tmp, routes=routes) as base, pytest.raises(error, match=message):
+        predict_request(
+            PredictorCache(),
+            trained_run.root.parent,
+            url=f"{base}/clip.wav",
+            max_bytes=4000,
+            allow_private_urls=True,
+        )
+    assert list(private_tmp.iterdir()) == []
+
+
+# --- speechclas-predict ---------------------------------------------------------------
+
+
+def test_cli_prints_the_api_json(trained_run, capsys):
+    code = predict_main([str(demo_clip("go")), "--models-dir", str(trained_run.root.parent), "--top-k", "3"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["status"] == "ok" and result["run"] == trained_run.name
+    assert len(result["predictions"]) == 3
+
+
+def test_cli_predicts_a_url(trained_run, capsys, monkeypatch):
+    monkeypatch.setenv("SPEECHCLAS_ALLOW_PRIVATE_URLS", "1")
+    with serve_directory(demo_clip("go").parent) as base:
+        code = predict_main([f"{base}/{demo_clip('go').name}", "--models-dir", str(trained_run.root.parent)])
+    assert code == 0
+    assert len(json.loads(capsys.readouterr().out)["predictions"]) == 5
+
+
+def test_cli_reports_a_bad_file(trained_run, tmp_path, caplog):
+    not_audio = tmp_path / "notes.wav"
+    not_audio.write_text("just text")
+    assert predict_main([str(not_audio), "--models-dir", str(trained_run.root.parent)]) == 2
+    assert "not a readable audio file" in caplog.text
+    assert predict_main([str(demo_clip()), "--models-dir", str(trained_run.root.parent), "--run", "nope"]) == 2
+    assert "not a run name" in caplog.text
