@@ -51,7 +51,7 @@ SPEECH_COMMANDS_WORDS = (
     "backward", "forward", "follow", "learn", "visual",
 )  # fmt: skip
 DEFAULT_WORDS = SPEECH_COMMANDS_WORDS[:10]
-DEFAULT_UNKNOWN_WORDS = ("bed", "cat", "house", "tree")
+DEFAULT_UNKNOWN_WORDS = ("bed", "cat", "house")
 
 # English accents that espeak-ng ships itself (the mbrola "mb-*" voices need
 # extra packages).  "en" is the same voice as "en-gb".
@@ -108,16 +108,38 @@ class Speaker:
         return ["-v", f"{self.voice}+{self.variant}", "-p", str(self.pitch), "-s", str(self.speed)]
 
 
+def _split_quotas(count, held_out_percentage=10.0):
+    """Speakers per split so that speechclas' default 10/10 % hash split gets
+    its share even on a small dataset (a plain draw of 32 can leave one split
+    with a single speaker)."""
+    if count < 10:
+        return None
+    held_out = max(1, round(count * held_out_percentage / 100))
+    return {"validation": held_out, "testing": held_out, "training": count - 2 * held_out}
+
+
+def _hash_split(speaker_id, held_out_percentage=10.0):
+    """The split speechclas.data.which_set gives this speaker by default."""
+    digest = hashlib.sha1(speaker_id.encode()).hexdigest()
+    percentage = (int(digest, 16) % 2**27) * (100.0 / (2**27 - 1))
+    if percentage < held_out_percentage:
+        return "validation"
+    if percentage < 2 * held_out_percentage:
+        return "testing"
+    return "training"
+
+
 def choose_speakers(count, seed):
     """Draw `count` distinct speakers from `seed`.
 
     Accents go round-robin (in a seeded order) so that even 16 speakers cover
-    every accent; the rest is drawn at random.  The first k speakers do not
-    depend on `count`, so a larger dataset contains the smaller one's speakers.
+    every accent; the rest is drawn at random. A speaker whose hash split is
+    already full is redrawn, so validation and testing get 10 % each.
     """
     rng = random.Random(seed)
     voices = list(VOICES)
     rng.shuffle(voices)
+    quotas = _split_quotas(count)
     speakers, ids = [], set()
     while len(speakers) < count:
         speaker = Speaker(
@@ -127,9 +149,12 @@ def choose_speakers(count, seed):
             speed=rng.randint(*SPEED_RANGE),
             level_db=round(rng.uniform(*LEVEL_DB_RANGE), 1),
         )
-        if speaker.id not in ids:
+        split = _hash_split(speaker.id)
+        if speaker.id not in ids and (quotas is None or quotas[split] > 0):
             ids.add(speaker.id)
             speakers.append(speaker)
+            if quotas is not None:
+                quotas[split] -= 1
     return speakers
 
 
@@ -174,6 +199,18 @@ def trim_silence(audio, sample_rate, threshold_db=-40.0, frame_ms=10):
     return audio[loud[0] * frame : (loud[-1] + 1) * frame]
 
 
+def trim_to_word(audio, clip_samples, rng, lead_ms=(0, 150), tail_ms=30, sample_rate=SAMPLE_RATE):
+    """Keep the word with a random lead-in and a short tail, at most one clip long.
+
+    speech_commands itself holds clips shorter than 1 s (the loader pads
+    them); storing only the word keeps the shipped demo small enough to hold
+    twice as many speakers, which is what lets a model generalise.
+    """
+    lead = np.zeros(rng.randint(*lead_ms) * sample_rate // 1000, dtype=np.float32)
+    tail = np.zeros(tail_ms * sample_rate // 1000, dtype=np.float32)
+    return np.concatenate([lead, audio, tail])[:clip_samples]
+
+
 def place_in_clip(audio, clip_samples, rng, margin=800):
     """Put `audio` at a random offset in a zero clip; longer audio keeps its start.
 
@@ -192,7 +229,7 @@ def to_pcm16(audio):
     return np.round(np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16)
 
 
-def make_clip(word, speaker, path, seed, sample_rate=SAMPLE_RATE, clip_samples=CLIP_SAMPLES):
+def make_clip(word, speaker, path, seed, full_clip, sample_rate=SAMPLE_RATE, clip_samples=CLIP_SAMPLES):
     """Synthesize `word` as `speaker` and write one 1 s clip to `path`.
 
     Each clip has its own random generator, seeded from the dataset seed, the
@@ -206,9 +243,12 @@ def make_clip(word, speaker, path, seed, sample_rate=SAMPLE_RATE, clip_samples=C
     word_seconds = len(audio) / sample_rate
     peak_db = speaker.level_db + rng.uniform(*CLIP_GAIN_DB_RANGE)
     audio *= 10 ** (min(peak_db, -1.0) / 20) / np.max(np.abs(audio))
-    clip = place_in_clip(audio, clip_samples, rng)
+    if full_clip:
+        clip = place_in_clip(audio, clip_samples, rng)
+    else:
+        clip = trim_to_word(audio, clip_samples, rng, sample_rate=sample_rate)
     noise_rms = 10 ** (rng.uniform(*NOISE_DB_RANGE) / 20)
-    noise = np.random.default_rng(rng.getrandbits(64)).standard_normal(clip_samples)
+    noise = np.random.default_rng(rng.getrandbits(64)).standard_normal(len(clip))
     clip += (noise * noise_rms).astype(np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(path, to_pcm16(clip), sample_rate, subtype="PCM_16")
@@ -334,7 +374,13 @@ def parse_words(text, default):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("data/demo"), help="output folder")
-    parser.add_argument("--speakers", type=int, default=16, help="number of synthetic speakers")
+    parser.add_argument("--speakers", type=int, default=32, help="number of synthetic speakers")
+    parser.add_argument(
+        "--full-clips",
+        action="store_true",
+        help="write 1 s clips with the word at a random offset (default: the word with short "
+        "margins, under 1 s, padded by the loader as speech_commands clips are)",
+    )
     parser.add_argument(
         "--words",
         help='comma-separated keywords, or "all30"/"all35" for the speech_commands '
@@ -373,7 +419,7 @@ def main(argv=None):
     speakers = choose_speakers(args.speakers, args.seed)
     words = args.words + args.unknown_words
     jobs = [
-        (word, speaker, args.out / word / f"{speaker.id}_nohash_0.wav", args.seed)
+        (word, speaker, args.out / word / f"{speaker.id}_nohash_0.wav", args.seed, args.full_clips)
         for word in words
         for speaker in speakers
     ]

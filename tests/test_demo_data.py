@@ -32,15 +32,15 @@ def test_every_keyword_and_some_unknown_words_are_present():
     assert len(names - set(WORDS)) >= 2, "no unknown (filler) words"
 
 
-def test_clips_are_one_second_16k_mono_pcm16_with_speech_commands_names():
+def test_clips_are_at_most_one_second_16k_mono_pcm16_with_speech_commands_names():
     for folder in word_dirs(DEMO):
         clips = sorted(folder.iterdir())
         assert clips, folder
         for clip in clips:
             assert CLIP_NAME.match(clip.name), clip
             info = sf.info(clip)
-            assert (info.samplerate, info.channels, info.frames) == (16000, 1, 16000), clip
-            assert info.subtype == "PCM_16", clip
+            assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16"), clip
+            assert 1600 <= info.frames <= 16000, clip
 
 
 def test_speakers_say_every_word_and_differ():
@@ -58,9 +58,18 @@ def test_speakers_say_every_word_and_differ():
 def test_speech_sits_inside_the_clip_over_a_noise_floor():
     for clip in sorted(DEMO.glob("*/*_nohash_*.wav")):
         audio, _ = sf.read(clip, dtype="float32")
-        frames = np.sqrt(np.mean(audio.reshape(100, 160) ** 2, axis=1))  # 10 ms frames
+        usable = len(audio) // 160 * 160
+        frames = np.sqrt(np.mean(audio[:usable].reshape(-1, 160) ** 2, axis=1))  # 10 ms frames
         assert np.min(frames) > 0, "digital silence"
-        assert max(frames[0], frames[-1]) < 0.1 * np.max(frames), f"word at the edge: {clip}"
+        assert frames[-1] < 0.1 * np.max(frames), f"word cut at the end: {clip}"
+
+
+def test_default_hash_split_holds_out_several_speakers():
+    from speechclas.data import which_set
+
+    speakers = {clip.name for clip in (DEMO / "yes").iterdir()}
+    splits = [which_set(name, 10.0, 10.0) for name in speakers]
+    assert splits.count("validation") >= 3 and splits.count("testing") >= 3, splits
 
 
 def test_background_noise_has_long_clips():
@@ -93,7 +102,7 @@ def test_script_writes_the_speech_commands_layout_reproducibly(tmp_path):
     for word in ("yes", "no"):
         clips = sorted((out / word).iterdir())
         assert len(clips) == 2 and all(CLIP_NAME.match(c.name) for c in clips)
-        assert all(sf.info(c).frames == 16000 for c in clips)
+        assert all(1600 <= sf.info(c).frames <= 16000 for c in clips)
     assert {c.name for c in (out / "yes").iterdir()} == {c.name for c in (out / "no").iterdir()}
     assert len(list((out / NOISE).glob("*.wav"))) >= 3
     for clip in out.glob("*/*.wav"):
