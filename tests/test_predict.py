@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from speechclas.audio import AudioError, decode_audio
+from speechclas.audio import AudioError, decode_audio, fix_length
 from speechclas.cli import predict_main
 from speechclas.fetch import FetchError
 from speechclas.predict import (
@@ -32,9 +32,10 @@ def predictor(trained_run):
 
 @pytest.fixture(scope="module")
 def clip():
+    """A demo word, padded to the model's 1 s window."""
     samples, rate = soundfile.read(demo_clip("yes"), dtype="float32")
     assert rate == 16000
-    return samples
+    return fix_length(samples, 16000)
 
 
 def predict_bytes(predictor, data: bytes, top_k: int = 5):
@@ -53,7 +54,7 @@ def test_predictor_takes_labels_and_window_from_the_run(predictor, trained_run):
 
 
 def test_top5_of_a_demo_clip(predictor, trained_run, clip):
-    result = predict_bytes(predictor, demo_clip("yes").read_bytes())
+    result = predict_bytes(predictor, wav_bytes(clip, 16000))
     scores = [p["probability"] for p in result["predictions"]]
     assert len(scores) == 5
     assert scores == sorted(scores, reverse=True)
