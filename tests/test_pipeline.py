@@ -1,0 +1,249 @@
+"""The tf.data pipelines: training inputs are augmented, evaluation inputs never
+change, the label mix follows the percentages, and the whole chain runs on the
+demo dataset."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from speechclas import data, train
+from speechclas.config import load_config
+from speechclas.features import compute_features, feature_settings, settings_from_config
+from speechclas.pipeline import (
+    AugmentSettings,
+    TrainingAudio,
+    augment,
+    evaluation_dataset,
+    training_dataset,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "data" / "demo"
+RATE = 16000
+SILENCE, UNKNOWN = 0, 1
+# One clip per label, so a training row's label tells which clip it came from.
+WANTED_CLIPS = {2: "yes", 3: "no", 4: "up"}
+UNKNOWN_CLIP = "bed"
+NUM_LABELS = 5
+
+
+@pytest.fixture(scope="module")
+def settings():
+    return feature_settings(RATE, 1000, 30.0, 10.0, 40, "mfcc")
+
+
+def demo_clip(word):
+    return f"{word}/{min(p.name for p in (DEMO / word).glob('*.wav'))}"
+
+
+@pytest.fixture(scope="module")
+def demo_audio(settings):
+    """int16 clips: the wanted ones in label order, then the unknown one."""
+    paths = [demo_clip(word) for word in WANTED_CLIPS.values()] + [demo_clip(UNKNOWN_CLIP)]
+    return data.load_clips(DEMO, paths, RATE, settings.desired_samples)
+
+
+@pytest.fixture(scope="module")
+def background(settings):
+    files = [f"{data.BACKGROUND_NOISE_DIR}/{p.name}" for p in sorted((DEMO / data.BACKGROUND_NOISE_DIR).iterdir())]
+    return data.load_background(DEMO, files, RATE, settings.desired_samples)
+
+
+def training_audio(demo_audio, background):
+    return TrainingAudio(
+        wanted_audio=demo_audio[:3],
+        wanted_labels=np.array(list(WANTED_CLIPS), np.int32),
+        unknown_audio=demo_audio[3:],
+        unknown_label=UNKNOWN,
+        silence_label=SILENCE,
+        background=background,
+    )
+
+
+def recipe_augmentation(time_shift_ms=100.0, background_volume=0.1, background_frequency=0.8):
+    return AugmentSettings(
+        time_shift_samples=int(RATE * time_shift_ms / 1000),
+        background_volume=background_volume,
+        background_frequency=background_frequency,
+        silence_label=SILENCE,
+    )
+
+
+NO_AUGMENTATION = recipe_augmentation(time_shift_ms=0.0, background_volume=0.0, background_frequency=0.0)
+
+
+def first_batches(dataset, count):
+    features, labels = zip(*[(f.numpy(), lab.numpy()) for f, lab in dataset.take(count)])
+    return np.concatenate(features), np.concatenate(labels)
+
+
+def to_float(audio_int16):
+    return tf.cast(audio_int16, tf.float32) / 32768.0
+
+
+@pytest.fixture(scope="module")
+def clean_features(demo_audio, settings):
+    """Features of each demo clip with no augmentation, keyed by training label."""
+    features = compute_features(to_float(demo_audio), settings).numpy()
+    by_label = {label: features[i] for i, label in enumerate(WANTED_CLIPS)}
+    by_label[UNKNOWN] = features[3]
+    return by_label
+
+
+def rows_equal_to_clean(features, labels, clean_features):
+    """For each non-silence row: does it equal its clip's unaugmented features?"""
+    return np.array([
+        np.allclose(row, clean_features[label], rtol=1e-5, atol=1e-4)
+        for row, label in zip(features, labels) if label != SILENCE
+    ])
+
+
+def test_training_batches_have_the_model_shape_and_labels_in_range(demo_audio, background, settings):
+    dataset = training_dataset(training_audio(demo_audio, background), settings, recipe_augmentation(), 16, 10, 10, 1)
+    assert dataset.element_spec[0].shape.as_list() == [16, 98, 40, 1]
+    features, labels = first_batches(dataset, 4)
+    assert features.shape == (64, 98, 40, 1) and features.dtype == np.float32
+    assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() < NUM_LABELS
+    assert np.all(np.isfinite(features))
+
+
+def test_without_augmentation_training_inputs_equal_evaluation_inputs(demo_audio, background, settings, clean_features):
+    """Control for the next test: with shift, noise and silence off, rows are the clean clips."""
+    dataset = training_dataset(training_audio(demo_audio, background), settings, NO_AUGMENTATION, 32, 0, 25, 1)
+    features, labels = first_batches(dataset, 2)
+    assert set(labels) == {UNKNOWN, *WANTED_CLIPS}
+    assert rows_equal_to_clean(features, labels, clean_features).all()
+
+
+def test_augmentation_changes_training_inputs(demo_audio, background, settings, clean_features):
+    dataset = training_dataset(training_audio(demo_audio, background), settings, recipe_augmentation(), 32, 0, 25, 1)
+    features, labels = first_batches(dataset, 4)
+    # Each row is shifted by up to +-100 ms and mostly gets noise: hardly any row stays clean.
+    assert rows_equal_to_clean(features, labels, clean_features).mean() < 0.1
+    # Every time a clip is drawn again it gets another shift and noise.
+    for label in set(labels):
+        rows = features[labels == label]
+        assert len(rows) > 2, label
+        same = [np.allclose(rows[i], rows[j], atol=1e-4) for i in range(len(rows)) for j in range(i)]
+        assert np.mean(same) < 0.1, label
+
+
+@pytest.mark.parametrize("augmentation", [
+    recipe_augmentation(background_volume=0.0, background_frequency=0.0),  # time shift only
+    recipe_augmentation(time_shift_ms=0.0, background_frequency=1.0),  # noise only
+])
+def test_each_augmentation_alone_changes_training_inputs(demo_audio, background, settings, clean_features, augmentation):
+    dataset = training_dataset(training_audio(demo_audio, background), settings, augmentation, 32, 0, 25, 1)
+    features, labels = first_batches(dataset, 1)
+    assert rows_equal_to_clean(features, labels, clean_features).mean() < 0.1
+
+
+def test_evaluation_inputs_never_change(demo_audio, settings):
+    labels = np.array([*WANTED_CLIPS, UNKNOWN], np.int32)
+    dataset = evaluation_dataset(demo_audio, labels, settings, batch_size=3)
+    first, first_labels = first_batches(dataset, 2)
+    second, second_labels = first_batches(dataset, 2)
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_array_equal(first_labels, labels)
+    np.testing.assert_array_equal(second_labels, labels)
+    expected = compute_features(to_float(demo_audio), settings).numpy()
+    np.testing.assert_allclose(first, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_augment_empties_the_foreground_of_silence_rows():
+    rng = np.random.default_rng(3)
+    audio = tf.constant(rng.uniform(-0.5, 0.5, (6, 1600)).astype(np.float32))
+    labels = tf.constant([SILENCE, 2, SILENCE, 3, UNKNOWN, SILENCE], tf.int32)
+    settings = recipe_augmentation(time_shift_ms=0.0, background_volume=0.5, background_frequency=1.0)
+    silent_room = tf.zeros([RATE], tf.float32)
+    for background in (silent_room, tf.zeros([0], tf.float32)):
+        out = augment(audio, labels, background, settings).numpy()
+        is_silence = labels.numpy() == SILENCE
+        assert not out[is_silence].any()
+        np.testing.assert_array_equal(out[~is_silence], audio.numpy()[~is_silence])
+    # With real noise, silence rows hold noise only: never louder than the noise itself.
+    noise = tf.constant(rng.uniform(-0.05, 0.05, RATE).astype(np.float32))
+    out = augment(audio, labels, noise, settings).numpy()
+    assert np.abs(out[is_silence]).max() <= 0.05
+    assert np.abs(out[~is_silence]).max() > 0.4
+
+
+def test_augment_keeps_audio_in_range():
+    loud = tf.fill([4, 1600], 0.99)
+    noise = tf.ones([RATE], tf.float32)
+    settings = recipe_augmentation(time_shift_ms=0.0, background_volume=1.0, background_frequency=1.0)
+    out = augment(loud, tf.constant([2, 3, 4, 2], tf.int32), noise, settings).numpy()
+    assert out.max() <= 1.0 and out.min() >= 0.99
+
+
+def test_silence_rows_of_training_batches_have_no_foreground(demo_audio, settings):
+    no_noise = training_audio(demo_audio, np.zeros(0, np.float32))
+    dataset = training_dataset(no_noise, settings, recipe_augmentation(), 64, 30, 10, 2)
+    features, labels = first_batches(dataset, 1)
+    assert (labels == SILENCE).any()
+    zeros = compute_features(tf.zeros([1, settings.desired_samples]), settings).numpy()[0]
+    for row in features[labels == SILENCE]:
+        np.testing.assert_allclose(row, zeros, atol=1e-5)
+
+
+@pytest.mark.parametrize("silence_percentage, unknown_percentage", [(10.0, 20.0), (0.0, 10.0), (25.0, 0.0)])
+def test_label_mix_follows_the_percentages(silence_percentage, unknown_percentage):
+    """Silence and unknown come at their percentage of the wanted clips (loose bounds, 3000 samples)."""
+    short = feature_settings(RATE, 100, 30.0, 10.0, 10, "mfcc")  # small clips: only labels matter here
+    rng = np.random.default_rng(4)
+    audio = TrainingAudio(
+        wanted_audio=rng.integers(-1000, 1000, (30, short.desired_samples), dtype=np.int16),
+        wanted_labels=np.repeat(np.arange(2, 5, dtype=np.int32), 10),
+        unknown_audio=rng.integers(-1000, 1000, (10, short.desired_samples), dtype=np.int16),
+        unknown_label=UNKNOWN,
+        silence_label=SILENCE,
+        background=np.zeros(0, np.float32),
+    )
+    dataset = training_dataset(
+        audio, short, recipe_augmentation(time_shift_ms=10.0), 100, silence_percentage, unknown_percentage, 5
+    )
+    _, labels = first_batches(dataset, 30)
+    total = 100 + silence_percentage + unknown_percentage
+    assert np.mean(labels == SILENCE) == pytest.approx(silence_percentage / total, abs=0.03)
+    assert np.mean(labels == UNKNOWN) == pytest.approx(unknown_percentage / total, abs=0.03)
+    wanted_counts = np.bincount(labels, minlength=NUM_LABELS)[2:]
+    assert wanted_counts.min() > 0.8 * wanted_counts.mean()
+
+
+def test_pipeline_end_to_end_on_the_demo_dataset(tmp_path):
+    config = load_config({"data_dir": str(DEMO), "batch_size": 100})
+    settings = settings_from_config(config)
+    prepared = train.prepare_data(config, settings, DEMO, tmp_path / "no_split_files")
+    labels = prepared.index.labels
+    assert len(prepared.training.wanted_audio) == len(prepared.training.wanted_labels) > 0
+    assert len(prepared.training.unknown_audio) > 0
+    assert len(prepared.training.background) >= settings.desired_samples
+
+    augmentation = AugmentSettings(
+        time_shift_samples=int(RATE * config.time_shift_ms / 1000),
+        background_volume=config.background_volume,
+        background_frequency=config.background_frequency,
+        silence_label=prepared.training.silence_label,
+    )
+    dataset = training_dataset(
+        prepared.training, settings, augmentation, config.batch_size,
+        config.silence_percentage, config.unknown_percentage, config.random_seed,
+    )
+    features, batch_labels = first_batches(dataset, 4)
+    assert features.shape == (400, 98, 40, 1)
+    assert np.all(np.isfinite(features))
+    assert set(batch_labels) == set(range(len(labels)))
+
+    evaluated = 0
+    for split, (audio, split_labels) in prepared.evaluation.items():
+        if not len(audio):
+            continue
+        eval_features, eval_labels = first_batches(evaluation_dataset(audio, split_labels, settings, 256), 100)
+        assert eval_features.shape == (len(audio), 98, 40, 1), split
+        assert np.all(np.isfinite(eval_features)), split
+        np.testing.assert_array_equal(eval_labels, split_labels)
+        assert set(eval_labels) <= set(range(len(labels)))
+        evaluated += len(audio)
+    assert evaluated > 0
