@@ -140,6 +140,20 @@ def _resolve_checkpoint(path: str) -> str:
     return path
 
 
+def restore_model(run: RunDir, config: Config):
+    """Rebuild a run's network from its latest checkpoint (for tests, further
+    training or exports made later)."""
+    settings = settings_from_config(config)
+    model = architectures.build_model(
+        config.model_architecture, settings.input_shape, len(run.labels()), config.dropout_rate
+    )
+    latest = tf.train.latest_checkpoint(str(run.ckpts))
+    if latest is None:
+        raise FileNotFoundError(f"run {run.name} has no checkpoint in {run.ckpts}")
+    tf.train.Checkpoint(model=model).restore(latest).expect_partial().assert_existing_objects_matched()
+    return model
+
+
 class _RunLogFile:
     """Copies the package's log records into the run's logs/ while it trains."""
 

@@ -1,0 +1,117 @@
+"""Command lines: ``speechclas-train`` and ``speechclas-predict``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+logger = logging.getLogger(__name__)
+
+
+def _setup_logging(verbose: bool) -> None:
+    # TensorFlow's C++ start-up chatter hides the lines a person wants.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("absl", "tensorflow", "h5py", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="speechclas-train",
+        description="Train a keyword classifier. Parameters and their defaults are in etc/config.yaml; "
+        "override any with key=value (lists comma-separated, e.g. how_many_training_steps=1000,300).",
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--config", help="configuration file (default: etc/config.yaml of the project)")
+    parser.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+
+    from speechclas.config import ConfigError, load_config, parse_cli_overrides
+    from speechclas.data import DataError
+
+    try:
+        config = load_config(parse_cli_overrides(args.overrides), path=args.config)
+    except ConfigError as exc:
+        parser.error(str(exc))
+
+    from speechclas.archive import ArchiveError
+    from speechclas.fetch import FetchError
+    from speechclas.train import train
+
+    try:
+        result = train(config, progress=not args.no_progress and sys.stderr.isatty())
+    except (DataError, ArchiveError, FetchError, FileNotFoundError) as exc:
+        logger.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        logger.error("Interrupted: the run folder is left unfinished and will not be served")
+        return 130
+    print(json.dumps(result.summary(), indent=2))
+    return 0
+
+
+def predict_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="speechclas-predict",
+        description="Classify one audio file or http(s) URL with a trained run and print the JSON "
+        "the API answers. URLs to private or loopback addresses are refused unless "
+        "SPEECHCLAS_ALLOW_PRIVATE_URLS=1.",
+    )
+    parser.add_argument("source", metavar="FILE_OR_URL", help="audio file (wav, flac, ogg) or http(s) URL of one")
+    parser.add_argument("--run", help="run folder in the models folder (default: models/api, else the newest finished run)")
+    parser.add_argument("--top-k", type=int, default=5, help="number of labels to print (default: 5)")
+    parser.add_argument("--models-dir", help="folder of trained runs (default: models_dir of etc/config.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    if args.top_k < 1:
+        parser.error("--top-k must be at least 1")
+    _setup_logging(args.verbose)
+
+    from pathlib import Path
+    from urllib.parse import urlsplit
+
+    from speechclas.audio import AudioError
+    from speechclas.config import ConfigError, load_config
+    from speechclas.fetch import FetchError, env_allows_private
+    from speechclas.predict import (
+        InputError,
+        PredictorCache,
+        max_audio_bytes,
+        predict_request,
+    )
+    from speechclas.rundir import RunNotFoundError
+
+    try:
+        models_dir = Path(args.models_dir) if args.models_dir else load_config().path("models_dir")
+    except ConfigError as exc:
+        parser.error(str(exc))
+    is_url = urlsplit(args.source).scheme.lower() in ("http", "https")
+    try:
+        result = predict_request(
+            PredictorCache(max_runs=1),
+            models_dir,
+            file=None if is_url else Path(args.source),
+            url=args.source if is_url else None,
+            run=args.run,
+            top_k=args.top_k,
+            max_bytes=max_audio_bytes(),
+            allow_private_urls=env_allows_private(),
+        )
+    except (InputError, AudioError, FetchError, RunNotFoundError) as exc:
+        logger.error("%s", exc)
+        return 2
+    print(json.dumps({"status": "ok", **result}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

@@ -1,0 +1,201 @@
+"""Training end to end: every architecture, the exports, resume, cancellation,
+and a short training on the demo data scored as the exports run it."""
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from speechclas import architectures, export
+from speechclas.audio import decode_audio, fix_length
+from speechclas.config import ConfigError, load_config
+from speechclas.features import compute_features, settings_from_config
+from speechclas.rundir import RunDir, RunNotFoundError, find_run
+from speechclas.train import TrainingCancelled, restore_model, train
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "data" / "demo"
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    """Two wanted words and one unknown word, 8 speakers each, plus noise."""
+    out = tmp_path_factory.mktemp("toy") / "audios"
+    for word in ("yes", "no", "bed"):
+        (out / word).mkdir(parents=True)
+        for clip in sorted((DEMO / word).iterdir())[:8]:
+            shutil.copy(clip, out / word / clip.name)
+    shutil.copytree(DEMO / "_background_noise_", out / "_background_noise_")
+    return out
+
+
+def toy_config(data_dir, models_dir, **overrides):
+    values = {
+        "data_dir": str(data_dir),
+        "models_dir": str(models_dir),
+        "wanted_words": "yes,no",
+        "validation_percentage": 25,
+        "testing_percentage": 25,
+        "how_many_training_steps": "1,1",
+        "learning_rate": "0.001,0.0001",
+        "batch_size": 8,
+        "eval_step_interval": 1,
+        "save_step_interval": 1,
+    }
+    values.update(overrides)
+    return load_config(values)
+
+
+def in_memory_probabilities(run: RunDir, config, samples: np.ndarray) -> np.ndarray:
+    model = restore_model(run, config)
+    features = compute_features(tf.constant(samples[None, :]), settings_from_config(config))
+    return tf.nn.softmax(model(features, training=False)).numpy()[0]
+
+
+@pytest.mark.parametrize("name", sorted(architectures.ARCHITECTURES))
+def test_architecture_trains_two_steps_and_exports_agree(name, toy_data, tmp_path):
+    config = toy_config(toy_data, tmp_path, model_architecture=name)
+    result = train(config, progress=False)
+    run = result.run
+    assert run.is_finished()
+    assert result.metrics["parameter_count"] > 0 and result.metrics["steps"] == 2
+    for path in (run.frozen_graph_path, run.tflite_path, run.saved_model_dir, run.labels_path, run.conf_path,
+                 run.metrics_path, run.stats / "confusion_matrix_test.png", run.dataset_files / "train.txt"):
+        assert path.exists(), path
+    assert run.labels() == ["_silence_", "_unknown_", "yes", "no"]
+
+    wav_path = sorted((toy_data / "yes").iterdir())[0]
+    wav_bytes = wav_path.read_bytes()
+    settings = settings_from_config(config)
+    samples = fix_length(decode_audio(wav_bytes, settings.sample_rate).samples, settings.desired_samples)
+    reference = in_memory_probabilities(run, config, samples)
+    assert reference.shape == (4,) and abs(reference.sum() - 1) < 1e-5
+
+    saved = tf.saved_model.load(str(run.saved_model_dir))
+    from_wav = saved.signatures["serving_default"](wav_data=tf.constant(wav_bytes))["labels_softmax"].numpy()[0]
+    from_audio = saved.signatures["audio"](audio=tf.constant(samples[None, :]))["labels_softmax"].numpy()[0]
+    frozen = export.run_frozen_graph(run.frozen_graph_path, wav_bytes)
+    tflite = export.run_tflite(run.tflite_path, samples)
+    for probabilities in (from_wav, from_audio, frozen, tflite):
+        np.testing.assert_allclose(probabilities, reference, atol=1e-4)
+
+
+def test_frozen_graph_has_the_label_wav_tensor_names(toy_data, tmp_path):
+    result = train(toy_config(toy_data, tmp_path, model_architecture="tiny_conv"), progress=False)
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString(result.run.frozen_graph_path.read_bytes())
+    nodes = {node.name: node for node in graph_def.node}
+    assert nodes["wav_data"].op == "Placeholder"
+    assert nodes["decoded_sample_data"].op == "DecodeWav"
+    assert nodes["labels_softmax"].op == "Softmax"
+    # The Android demo feeds decoded samples instead of wav bytes.
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.import_graph_def(graph_def, name="")
+    samples = np.zeros((16000, 1), np.float32)
+    with tf.compat.v1.Session(graph=graph) as session:
+        probabilities = session.run("labels_softmax:0", {"decoded_sample_data:0": samples,
+                                                         "decoded_sample_data:1": 16000})
+    assert probabilities.shape == (1, 4) and abs(probabilities.sum() - 1) < 1e-5
+
+
+def test_resume_continues_from_the_saved_step(toy_data, tmp_path):
+    first = train(toy_config(toy_data, tmp_path, model_architecture="tiny_conv",
+                             how_many_training_steps="3,1"), progress=False)
+    assert first.metrics["steps"] == 4
+    resumed = train(toy_config(toy_data, tmp_path, model_architecture="tiny_conv",
+                               how_many_training_steps="5,1", start_checkpoint=str(first.run.ckpts)),
+                    progress=False)
+    assert resumed.metrics["steps"] == 6
+    # Only steps 5 and 6 ran: the step count went on from the checkpoint.
+    assert tf.train.latest_checkpoint(str(resumed.run.ckpts)).endswith("ckpt-6")
+    assert [entry["step"] for entry in resumed.metrics["history"]] == [5, 6]
+
+
+def test_unequal_stage_lists_and_unknown_architecture_are_refused():
+    with pytest.raises(ConfigError, match="how_many_training_steps"):
+        load_config({"how_many_training_steps": "100,100,100", "learning_rate": "0.01,0.001"})
+    with pytest.raises(ConfigError, match="model_architecture"):
+        load_config({"model_architecture": "resnet50"})
+
+
+def test_a_cancelled_run_is_never_served(toy_data, tmp_path):
+    finished = train(toy_config(toy_data, tmp_path, model_architecture="single_fc"), progress=False)
+    cancel = threading.Event()
+
+    def stop_after_two(step, total):
+        if step == 2:
+            cancel.set()
+
+    with pytest.raises(TrainingCancelled):
+        train(toy_config(toy_data, tmp_path, model_architecture="single_fc", how_many_training_steps="5,5"),
+              progress=False, cancel=cancel, on_step=stop_after_two)
+    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert len(runs) == 2
+    unfinished = RunDir(runs[-1])
+    assert not unfinished.is_finished() and unfinished.name != finished.run.name
+    assert find_run(tmp_path).name == finished.run.name
+    with pytest.raises(RunNotFoundError, match="did not finish"):
+        find_run(tmp_path, unfinished.name)
+
+
+def test_short_training_on_demo_data_beats_chance_as_exported(tmp_path):
+    """tiny_conv, 300 steps on the shipped demo: the test split (held-out
+    speakers) scored by the frozen graph, the way a deployment runs it."""
+    config = load_config({
+        "data_dir": str(DEMO), "models_dir": str(tmp_path), "model_architecture": "tiny_conv",
+        "how_many_training_steps": "250,50", "learning_rate": "0.003,0.0005", "batch_size": 50,
+        "eval_step_interval": 100, "save_step_interval": 300,
+    })
+    result = train(config, progress=False)
+    run = result.run
+    labels = run.labels()
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString(run.frozen_graph_path.read_bytes())
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.import_graph_def(graph_def, name="")
+    test_files = (run.dataset_files / "test.txt").read_text().split()
+    wanted = [path for path in test_files if path.split("/")[0] in labels]
+    correct = 0
+    with tf.compat.v1.Session(graph=graph) as session:
+        for path in wanted:
+            probabilities = session.run("labels_softmax:0", {"wav_data:0": (DEMO / path).read_bytes()})
+            correct += labels[int(np.argmax(probabilities))] == path.split("/")[0]
+    accuracy = correct / len(wanted)
+    chance = 1 / len(labels)
+    # Measured ~0.6 on a 2-core machine; chance is 1/12 = 0.083. Demand 4x chance.
+    assert len(wanted) >= 30
+    assert accuracy >= 4 * chance, f"exported accuracy {accuracy:.3f} on {len(wanted)} held-out clips"
+    metrics = json.loads(run.metrics_path.read_text())
+    assert metrics["testing"]["accuracy"] >= 4 * chance
+    assert set(metrics["testing"]["per_class"]) == set(labels)
+    assert np.array(metrics["testing"]["confusion_matrix"]).shape == (len(labels), len(labels))
+
+
+def test_cli_refuses_a_bad_override_naming_it():
+    completed = subprocess.run(
+        [sys.executable, "-m", "speechclas.cli", "batch_size=0"], capture_output=True, text=True, timeout=120
+    )
+    assert completed.returncode == 2
+    assert "batch_size" in completed.stderr and "between" in completed.stderr
+
+
+def test_cli_trains_and_prints_where_the_run_went(toy_data, tmp_path):
+    completed = subprocess.run(
+        [sys.executable, "-m", "speechclas.cli", f"data_dir={toy_data}", f"models_dir={tmp_path}",
+         "wanted_words=yes,no", "model_architecture=single_fc", "how_many_training_steps=2",
+         "learning_rate=0.001", "batch_size=8", "validation_percentage=25", "testing_percentage=25"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    summary = json.loads(completed.stdout)
+    assert Path(summary["run_dir"]).parent == tmp_path
+    assert RunDir(Path(summary["run_dir"])).is_finished()
+    assert 0 <= summary["test_accuracy"] <= 1
