@@ -1,0 +1,340 @@
+// The speechclas web page: sends a clip (file, URL or microphone) to the DEEPaaS
+// predict endpoint of the server it came from and shows the answer, with the
+// waveform and spectrogram of what was sent, computed here in the browser.
+"use strict";
+
+const MODEL_URL = "/v2/models/speechclas/";
+const PREDICT_URL = MODEL_URL + "predict/";
+const RECORD_SECONDS = 1.5;
+const DISPLAY_RATE = 16000; // the models' usual rate; the served run's rate replaces it
+const $ = (id) => document.getElementById(id);
+
+let served = { run: null, sampleRate: DISPLAY_RATE, windowMs: 30, strideMs: 10 };
+
+// --- talking to the API -------------------------------------------------------
+
+function messageOf(body, response) {
+  if (body && typeof body.message === "string") return body.message;
+  if (body && typeof body === "object") {
+    // webargs answers 422 as {"field": ["problem", ...]} (sometimes nested by location)
+    const lines = [];
+    const walk = (value, path) => {
+      if (Array.isArray(value)) lines.push(`${path}: ${value.join(" ")}`);
+      else if (value && typeof value === "object") for (const [k, v] of Object.entries(value)) walk(v, k);
+    };
+    walk(body, "");
+    if (lines.length) return lines.join("\n");
+  }
+  return `${response.status} ${response.statusText}`;
+}
+
+async function callApi(url, options = {}) {
+  const response = await fetch(url, { ...options, headers: { Accept: "application/json" } });
+  let body = null;
+  try { body = await response.json(); } catch (_) { /* not JSON: use the status line */ }
+  if (!response.ok) throw new Error(messageOf(body, response));
+  return body;
+}
+
+async function loadServedModel() {
+  try {
+    const meta = await callApi(MODEL_URL);
+    if (!meta.model) {
+      $("served").textContent = "No trained model yet: train one (speechclas-train or the API) first.";
+      return;
+    }
+    const settings = meta.model.settings || {};
+    served = {
+      run: meta.model.run,
+      sampleRate: settings.sample_rate || DISPLAY_RATE,
+      windowMs: settings.window_size_ms || 30,
+      strideMs: settings.window_stride_ms || 10,
+    };
+    $("served").textContent = `Serving run ${meta.model.run} (${meta.model.labels.length} labels: ` +
+      `${meta.model.labels.join(", ")}) of ${meta.name} ${meta.version}.`;
+  } catch (error) {
+    $("served").textContent = `The API did not answer: ${error.message}`;
+  }
+}
+
+// --- audio: decoding, wav encoding -----------------------------------------------
+
+async function decodeMono(arrayBuffer, rate) {
+  // decodeAudioData resamples to the context's rate; mix the channels down as the server does.
+  const context = new OfflineAudioContext(1, 1, rate);
+  const buffer = await context.decodeAudioData(arrayBuffer.slice(0));
+  const mono = new Float32Array(buffer.length);
+  for (let c = 0; c < buffer.numberOfChannels; c++) {
+    const channel = buffer.getChannelData(c);
+    for (let i = 0; i < mono.length; i++) mono[i] += channel[i] / buffer.numberOfChannels;
+  }
+  return mono;
+}
+
+function encodeWav(samples, rate) {
+  // 16-bit PCM mono RIFF/WAVE: a 44-byte header, then little-endian samples.
+  const view = new DataView(new ArrayBuffer(44 + 2 * samples.length));
+  const text = (offset, s) => { for (let i = 0; i < s.length; i++) view.setUint8(offset + i, s.charCodeAt(i)); };
+  text(0, "RIFF"); view.setUint32(4, 36 + 2 * samples.length, true); text(8, "WAVE");
+  text(12, "fmt "); view.setUint32(16, 16, true); view.setUint16(20, 1, true); view.setUint16(22, 1, true);
+  view.setUint32(24, rate, true); view.setUint32(28, 2 * rate, true); view.setUint16(32, 2, true);
+  view.setUint16(34, 16, true); text(36, "data"); view.setUint32(40, 2 * samples.length, true);
+  for (let i = 0; i < samples.length; i++) {
+    const s = Math.max(-1, Math.min(1, samples[i]));
+    view.setInt16(44 + 2 * i, Math.round(s < 0 ? s * 32768 : s * 32767), true);
+  }
+  return new Blob([view.buffer], { type: "audio/wav" });
+}
+
+// --- plots ------------------------------------------------------------------------
+
+function fft(re, im) {
+  // In place, iterative radix-2 (length a power of two).
+  const n = re.length;
+  for (let i = 1, j = 0; i < n; i++) {
+    let bit = n >> 1;
+    for (; j & bit; bit >>= 1) j ^= bit;
+    j ^= bit;
+    if (i < j) { [re[i], re[j]] = [re[j], re[i]]; [im[i], im[j]] = [im[j], im[i]]; }
+  }
+  for (let size = 2; size <= n; size <<= 1) {
+    const angle = -2 * Math.PI / size;
+    for (let start = 0; start < n; start += size) {
+      for (let k = 0; k < size / 2; k++) {
+        const wr = Math.cos(angle * k), wi = Math.sin(angle * k);
+        const a = start + k, b = a + size / 2;
+        const tr = re[b] * wr - im[b] * wi, ti = re[b] * wi + im[b] * wr;
+        re[b] = re[a] - tr; im[b] = im[a] - ti; re[a] += tr; im[a] += ti;
+      }
+    }
+  }
+}
+
+function spectrogram(samples, windowSize, stride) {
+  // Hann-windowed frames, magnitude squared, as TF's AudioSpectrogram (which the model's MFCCs start from).
+  let fftSize = 1;
+  while (fftSize < windowSize) fftSize <<= 1;
+  const frames = [];
+  for (let start = 0; start + windowSize <= samples.length; start += stride) {
+    const re = new Float64Array(fftSize), im = new Float64Array(fftSize);
+    for (let i = 0; i < windowSize; i++) {
+      re[i] = samples[start + i] * (0.5 - 0.5 * Math.cos(2 * Math.PI * i / windowSize));
+    }
+    fft(re, im);
+    const power = new Float32Array(fftSize / 2 + 1);
+    for (let k = 0; k < power.length; k++) power[k] = re[k] * re[k] + im[k] * im[k];
+    frames.push(power);
+  }
+  return frames;
+}
+
+function drawWaveform(canvas, samples, rate, window) {
+  const g = canvas.getContext("2d");
+  const { width, height } = canvas;
+  g.fillStyle = "#10131a"; g.fillRect(0, 0, width, height);
+  if (window) {
+    const seconds = samples.length / rate;
+    g.fillStyle = "rgba(47, 111, 219, 0.35)";
+    g.fillRect(width * window.start_s / seconds, 0, width * (window.end_s - window.start_s) / seconds, height);
+  }
+  g.strokeStyle = "#9fd3ff"; g.beginPath();
+  const perPixel = Math.max(1, Math.floor(samples.length / width));
+  for (let x = 0; x < width; x++) {
+    let low = 0, high = 0;
+    for (let i = x * perPixel; i < Math.min(samples.length, (x + 1) * perPixel); i++) {
+      low = Math.min(low, samples[i]); high = Math.max(high, samples[i]);
+    }
+    g.moveTo(x + 0.5, height / 2 - high * height / 2);
+    g.lineTo(x + 0.5, height / 2 - low * height / 2 + 1);
+  }
+  g.stroke();
+}
+
+function color(value) {
+  // Dark blue through magenta to yellow, value in [0, 1].
+  const r = Math.round(255 * Math.min(1, 1.6 * value));
+  const gr = Math.round(255 * Math.max(0, 1.8 * value - 0.8));
+  const b = Math.round(255 * Math.max(0, Math.sin(Math.PI * Math.min(1, value * 1.3))) * 0.8 + 30);
+  return [r, gr, b];
+}
+
+function drawSpectrogram(canvas, frames) {
+  const g = canvas.getContext("2d");
+  const { width, height } = canvas;
+  g.fillStyle = "#10131a"; g.fillRect(0, 0, width, height);
+  if (!frames.length) return;
+  const bins = frames[0].length;
+  const logs = frames.map((f) => Array.from(f, (p) => Math.log10(p + 1e-10)));
+  const top = Math.max(...logs.map((f) => Math.max(...f)));
+  const floor = top - 8; // 80 dB of range
+  const image = g.createImageData(width, height);
+  for (let x = 0; x < width; x++) {
+    const frame = logs[Math.min(frames.length - 1, Math.floor(x * frames.length / width))];
+    for (let y = 0; y < height; y++) {
+      const bin = Math.min(bins - 1, Math.floor((height - 1 - y) * bins / height));
+      const [r, gr, b] = color(Math.max(0, (frame[bin] - floor) / (top - floor)));
+      const at = 4 * (y * width + x);
+      image.data[at] = r; image.data[at + 1] = gr; image.data[at + 2] = b; image.data[at + 3] = 255;
+    }
+  }
+  g.putImageData(image, 0, 0);
+}
+
+// --- showing an answer -----------------------------------------------------------------
+
+function showBusy(busy) {
+  $("busy").hidden = !busy;
+  for (const id of ["url-button", "record-button"]) $(id).disabled = busy;
+  $("file-input").disabled = busy;
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+function showBars(predictions) {
+  const list = $("bars");
+  list.replaceChildren();
+  for (const { label, probability } of predictions) {
+    const row = document.createElement("li");
+    row.className = "bar-row";
+    row.dataset.label = label;
+    const name = Object.assign(document.createElement("span"), { className: "bar-label", textContent: label });
+    const track = Object.assign(document.createElement("span"), { className: "bar-track" });
+    const fill = Object.assign(document.createElement("span"), { className: "bar-fill" });
+    fill.style.display = "block";
+    fill.style.width = `${(100 * probability).toFixed(1)}%`;
+    track.append(fill);
+    const value = Object.assign(document.createElement("span"), {
+      className: "bar-value", textContent: `${(100 * probability).toFixed(1)} %`,
+    });
+    row.append(name, track, value);
+    list.append(row);
+  }
+}
+
+async function showAudio(audioBytes, window) {
+  const note = $("plot-note");
+  if (!audioBytes) return;
+  try {
+    const rate = served.sampleRate;
+    const samples = await decodeMono(audioBytes, rate);
+    drawWaveform($("waveform"), samples, rate, window);
+    const windowSize = Math.round(rate * served.windowMs / 1000), stride = Math.round(rate * served.strideMs / 1000);
+    drawSpectrogram($("spectrogram"), spectrogram(samples, windowSize, stride));
+    $("spectrogram-caption").textContent =
+      `Spectrogram (log power, ${served.windowMs} ms windows every ${served.strideMs} ms, 0–${rate / 2} Hz)`;
+    const player = $("player");
+    player.src = URL.createObjectURL(new Blob([audioBytes]));
+    player.hidden = false;
+    note.hidden = true;
+  } catch (error) {
+    note.textContent = `This browser could not decode the audio to draw it (${error.message}); the server could.`;
+    note.hidden = false;
+  }
+}
+
+async function classify(form, sourceText, audioBytes) {
+  showError("");
+  showBusy(true);
+  try {
+    const answer = await callApi(PREDICT_URL, { method: "POST", body: form });
+    $("result-source").textContent = `of ${sourceText}`;
+    $("result-run").textContent = `Answered by run ${answer.run}`;
+    $("result-run").dataset.run = answer.run;
+    showBars(answer.predictions);
+    const w = answer.window;
+    $("result-details").textContent =
+      `${answer.duration_s} s, ${answer.sample_rate} Hz, ${answer.channels} channel(s); ` +
+      `scored ${w.start_s}–${w.end_s} s (${w.selection})`;
+    $("player").hidden = true;
+    $("plot-note").hidden = true;
+    for (const id of ["waveform", "spectrogram"]) {
+      const canvas = $(id);
+      canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+    }
+    $("result").hidden = false;
+    if (!audioBytes) {
+      $("plot-note").textContent =
+        "The server downloaded this URL; the browser may not (other sites rarely allow it), so nothing is drawn.";
+      $("plot-note").hidden = false;
+    }
+    await showAudio(audioBytes, w);
+    document.body.dataset.state = "done";
+  } catch (error) {
+    showError(error.message);
+    document.body.dataset.state = "error";
+  } finally {
+    showBusy(false);
+  }
+}
+
+// --- the three inputs ------------------------------------------------------------------
+
+$("file-input").addEventListener("change", async (event) => {
+  const file = event.target.files[0];
+  if (!file) return;
+  const form = new FormData();
+  form.append("data", file, file.name);
+  await classify(form, file.name, await file.arrayBuffer());
+  event.target.value = "";
+});
+
+$("url-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const url = $("url-input").value.trim();
+  const form = new FormData();
+  form.append("urls", url);
+  let bytes = null;
+  try { // drawn only if the other site lets this page read it (CORS)
+    const response = await fetch(url);
+    if (response.ok) bytes = await response.arrayBuffer();
+  } catch (_) { /* cross-origin or unreachable from the browser: the server may still reach it */ }
+  await classify(form, url, bytes);
+});
+
+async function record(seconds) {
+  const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+  try {
+    const recorder = new MediaRecorder(stream);
+    const chunks = [];
+    recorder.addEventListener("dataavailable", (event) => chunks.push(event.data));
+    const stopped = new Promise((resolve) => recorder.addEventListener("stop", resolve));
+    recorder.start();
+    await new Promise((resolve) => setTimeout(resolve, seconds * 1000));
+    recorder.stop();
+    await stopped;
+    return new Blob(chunks, { type: recorder.mimeType });
+  } finally {
+    stream.getTracks().forEach((track) => track.stop());
+  }
+}
+
+$("record-button").addEventListener("click", async () => {
+  const button = $("record-button"), status = $("record-status");
+  showError("");
+  button.disabled = true;
+  button.classList.add("recording");
+  status.textContent = "Recording… say a word";
+  try {
+    const compressed = await record(RECORD_SECONDS);
+    // MediaRecorder gives compressed audio; decode it and send plain 16-bit PCM wav.
+    const samples = await decodeMono(await compressed.arrayBuffer(), served.sampleRate);
+    const wav = encodeWav(samples, served.sampleRate);
+    status.textContent = `Recorded ${(samples.length / served.sampleRate).toFixed(2)} s`;
+    const form = new FormData();
+    form.append("data", wav, "recording.wav");
+    await classify(form, "the microphone", await wav.arrayBuffer());
+  } catch (error) {
+    status.textContent = "Recording failed";
+    showError(`Could not record from the microphone: ${error.message}`);
+    document.body.dataset.state = "error";
+  } finally {
+    button.disabled = false;
+    button.classList.remove("recording");
+  }
+});
+
+$("record-seconds").textContent = RECORD_SECONDS;
+loadServedModel();
