@@ -7,7 +7,7 @@ Dropout layers are active only when the model is called with training=True.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 from keras import layers
@@ -119,14 +119,20 @@ def build_tiny_embedding_conv(input_shape, label_count: int, dropout_rate: float
 def build_ds_cnn(input_shape, label_count: int, dropout_rate: float) -> keras.Model:
     """DS-CNN (Zhang et al. 2017, "Hello Edge"), the small variant: a strided
     convolution, four depthwise-separable blocks with batch normalisation,
-    global average pooling. Best accuracy per multiply of this table."""
+    global average pooling. Best accuracy per multiply of this table.
+
+    The paper feeds 49x10 MFCCs; the recipe's 98x40 have eight times as many
+    cells, so the first separable block also strides 2x2, which keeps the
+    multiplies near the paper's budget (about 7 M per clip instead of 21 M).
+    """
     filters = 64
     inputs = _inputs(input_shape)
     x = layers.Conv2D(filters, (10, 4), strides=(2, 2), padding="same", use_bias=False, name="conv1")(inputs)
     x = layers.BatchNormalization(momentum=BN_MOMENTUM, name="conv1_bn")(x)
     x = layers.ReLU()(x)
     for block in range(1, 5):
-        x = layers.DepthwiseConv2D((3, 3), padding="same", use_bias=False, name=f"dw{block}")(x)
+        strides = (2, 2) if block == 1 else (1, 1)
+        x = layers.DepthwiseConv2D((3, 3), strides=strides, padding="same", use_bias=False, name=f"dw{block}")(x)
         x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"dw{block}_bn")(x)
         x = layers.ReLU()(x)
         x = layers.Conv2D(filters, (1, 1), use_bias=False, name=f"pw{block}")(x)

@@ -14,8 +14,8 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -104,11 +104,51 @@ def make_optimizer(name: str, learning_rate: float):
 def stage_learning_rate(step: int, steps: tuple[int, ...], rates: tuple[float, ...]) -> float:
     """Learning rate of the stage that `step` (0-based) falls in."""
     boundary = 0
-    for stage_steps, rate in zip(steps, rates):
+    for stage_steps, rate in zip(steps, rates, strict=True):
         boundary += stage_steps
         if step < boundary:
             return rate
     return rates[-1]
+
+
+def training_pipeline(config: Config, settings: FeatureSettings, audio: pipeline.TrainingAudio) -> tf.data.Dataset:
+    """The augmenting, endless training dataset for this configuration."""
+    augment_settings = pipeline.AugmentSettings(
+        time_shift_samples=int(settings.sample_rate * config.time_shift_ms / 1000),
+        background_volume=config.background_volume,
+        background_frequency=config.background_frequency,
+        silence_label=audio.silence_label,
+    )
+    return pipeline.training_dataset(
+        audio, settings, augment_settings, config.batch_size,
+        config.silence_percentage, config.unknown_percentage, config.random_seed,
+    )
+
+
+def make_train_step(model, optimizer, global_step: tf.Variable, check_nans: bool):
+    """One compiled optimisation step: (features, labels) -> (loss, accuracy).
+
+    The model runs with training=True here only (dropout on, batch-norm
+    statistics updated); every evaluation calls it with training=False.
+    """
+    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    @tf.function
+    def train_step(features, batch_labels):
+        with tf.GradientTape() as tape:
+            logits = model(features, training=True)
+            loss = loss_fn(batch_labels, logits)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        if check_nans:
+            loss = tf.debugging.check_numerics(loss, "training loss is not finite")
+            gradients = [tf.debugging.check_numerics(g, "a gradient is not finite") for g in gradients]
+        optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
+        global_step.assign_add(1)
+        predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
+        accuracy = tf.reduce_mean(tf.cast(tf.equal(predictions, batch_labels), tf.float32))
+        return loss, accuracy
+
+    return train_step
 
 
 def predict_logits(model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
@@ -226,36 +266,12 @@ def _train_in_run(config, settings, prepared, run, start_checkpoint, progress, c
         checkpoint.restore(start_checkpoint).assert_existing_objects_matched()
         logger.info("Resumed from %s at step %d", start_checkpoint, int(global_step.numpy()))
 
-    augment_settings = pipeline.AugmentSettings(
-        time_shift_samples=int(settings.sample_rate * config.time_shift_ms / 1000),
-        background_volume=config.background_volume,
-        background_frequency=config.background_frequency,
-        silence_label=prepared.training.silence_label,
-    )
-    train_data = pipeline.training_dataset(
-        prepared.training, settings, augment_settings, config.batch_size,
-        config.silence_percentage, config.unknown_percentage, config.random_seed,
-    )
+    train_data = training_pipeline(config, settings, prepared.training)
     eval_data = {
         split: pipeline.evaluation_dataset(audio, split_labels, settings, EVAL_BATCH_SIZE)
         for split, (audio, split_labels) in prepared.evaluation.items()
     }
-    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-    @tf.function
-    def train_step(features, batch_labels):
-        with tf.GradientTape() as tape:
-            logits = model(features, training=True)
-            loss = loss_fn(batch_labels, logits)
-        gradients = tape.gradient(loss, model.trainable_variables)
-        if config.check_nans:
-            loss = tf.debugging.check_numerics(loss, "training loss is not finite")
-            gradients = [tf.debugging.check_numerics(g, "a gradient is not finite") for g in gradients]
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-        global_step.assign_add(1)
-        predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
-        accuracy = tf.reduce_mean(tf.cast(tf.equal(predictions, batch_labels), tf.float32))
-        return loss, accuracy
+    train_step = make_train_step(model, optimizer, global_step, config.check_nans)
 
     train_writer = tf.summary.create_file_writer(str(run.logs / "train"))
     validation_writer = tf.summary.create_file_writer(str(run.logs / "validation"))

@@ -253,10 +253,10 @@ def test_evaluation_examples_add_silence_and_unknown_at_the_percentages():
     paths, labels = evaluation_examples(index, "training", silence_percentage=10, unknown_percentage=25, seed=1)
     assert len(paths) == len(labels) == 40 + 10 + 4
     silence, unknown = index.labels.index(SILENCE_LABEL), index.labels.index(UNKNOWN_LABEL)
-    assert [label for path, label in zip(paths, labels) if path is None] == [silence] * 4
-    unknown_paths = [path for path, label in zip(paths, labels) if label == unknown]
+    assert [label for path, label in zip(paths, labels, strict=False) if path is None] == [silence] * 4
+    unknown_paths = [path for path, label in zip(paths, labels, strict=False) if label == unknown]
     assert len(unknown_paths) == 10 and all(path.startswith("cat/") for path in unknown_paths)
-    wanted = [(path, label) for path, label in zip(paths, labels) if label not in (silence, unknown)]
+    wanted = [(path, label) for path, label in zip(paths, labels, strict=False) if label not in (silence, unknown)]
     assert wanted == [(e.path, index.label_index(e.word)) for e in index.wanted("training")]
 
 

@@ -75,7 +75,7 @@ NO_AUGMENTATION = recipe_augmentation(time_shift_ms=0.0, background_volume=0.0, 
 
 
 def first_batches(dataset, count):
-    features, labels = zip(*[(f.numpy(), lab.numpy()) for f, lab in dataset.take(count)])
+    features, labels = zip(*[(f.numpy(), lab.numpy()) for f, lab in dataset.take(count)], strict=False)
     return np.concatenate(features), np.concatenate(labels)
 
 
@@ -96,7 +96,7 @@ def rows_equal_to_clean(features, labels, clean_features):
     """For each non-silence row: does it equal its clip's unaugmented features?"""
     return np.array([
         np.allclose(row, clean_features[label], rtol=1e-5, atol=1e-4)
-        for row, label in zip(features, labels) if label != SILENCE
+        for row, label in zip(features, labels, strict=False) if label != SILENCE
     ])
 
 
