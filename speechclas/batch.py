@@ -1,0 +1,304 @@
+"""Batch prediction: many clips with one run, their statistics, and uploaded archives.
+
+``speechclas-predict`` over a folder (``<label>/<clip>.wav`` or loose clips)
+or a split list (``test.txt``: one ``<label>/<file>`` per line) scores every
+clip with one loaded `Predictor` and writes
+
+- ``models/<run>/predictions/<name>.json``: every file's top-k or its error,
+- ``models/<run>/stats/<name>_metrics.json`` and ``<name>_confusion_matrix.png``:
+  the same metrics training reports, computed from those predictions,
+
+so a notebook can show them later. A file that cannot be decoded is reported
+in its own entry and the batch goes on. The API's predict answers an uploaded
+``.zip``/``.tar.gz`` of clips the same way, per file, without writing anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from tqdm import tqdm
+
+from speechclas.archive import ArchiveError, _dataset_root, extract_archive
+from speechclas.audio import AudioError, decode_audio
+from speechclas.data import AUDIO_SUFFIXES, BACKGROUND_NOISE_DIR, UNKNOWN_LABEL
+from speechclas.metrics import classification_metrics, save_confusion_png
+from speechclas.predict import DEFAULT_TOP_K, InputError, Predictor, PredictorCache
+from speechclas.rundir import RunDir, find_run
+
+logger = logging.getLogger(__name__)
+
+# An uploaded archive is unpacked in the request: keep it small enough for one request.
+MAX_ARCHIVE_FILES = 1000
+MAX_ARCHIVE_UNPACKED_BYTES = 256 * 1024 * 1024
+ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
+_IGNORED = re.compile(r"^(\..*|__MACOSX)$")
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class ArchiveRefused(InputError):
+    """An uploaded archive that may not be unpacked or holds no clips (a 400 at the API)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchItem:
+    """One clip to score: where it is, how to report it, and its true word if known."""
+
+    path: Path
+    name: str  # relative, with forward slashes, as reported
+    word: str | None  # the folder it came from; None when the clip is not in a label folder
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchResult:
+    run: RunDir
+    name: str
+    predictions_path: Path
+    metrics_path: Path | None  # None when no clip had a known label
+    summary: dict[str, Any]
+
+
+# --- what to score ----------------------------------------------------------------
+
+
+def _is_hidden(relative: PurePosixPath) -> bool:
+    return any(_IGNORED.match(part) for part in relative.parts)
+
+
+def items_from_folder(folder: Path) -> list[BatchItem]:
+    """Every audio file under `folder`; a clip in a sub-folder is labelled by that folder's name.
+
+    ``_background_noise_`` and hidden or ``__MACOSX`` entries are skipped: they are not clips.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder} is not a folder")
+    items = []
+    for path in sorted(folder.rglob("*")):
+        relative = PurePosixPath(path.relative_to(folder).as_posix())
+        if not path.is_file() or path.suffix.lower() not in AUDIO_SUFFIXES or _is_hidden(relative):
+            continue
+        if BACKGROUND_NOISE_DIR in relative.parts:
+            continue
+        word = relative.parts[-2] if len(relative.parts) > 1 else None
+        items.append(BatchItem(path=path, name=str(relative), word=word))
+    return items
+
+
+def items_from_split_list(list_path: Path, data_dir: Path) -> list[BatchItem]:
+    """The clips of a split list (``<label>/<file>`` per line, as data.write_split_lists writes).
+
+    A line that does not name a clip inside `data_dir` is kept as an item
+    whose path does not exist, so it is reported per file like any bad clip.
+    """
+    try:
+        lines = Path(list_path).read_text().splitlines()
+    except OSError as exc:
+        raise InputError(f"cannot read the split list {list_path}: {exc.strerror}") from None
+    items = []
+    for line in lines:
+        relative = line.strip()
+        if not relative or relative.startswith("#"):
+            continue
+        parts = PurePosixPath(relative).parts
+        inside = len(parts) >= 2 and not PurePosixPath(relative).is_absolute() and ".." not in parts
+        path = data_dir / relative if inside else data_dir / "__outside__" / str(len(items))
+        items.append(BatchItem(path=path, name=relative, word=parts[-2] if inside else None))
+    return items
+
+
+def batch_name(source: Path) -> str:
+    """A file name for a batch from its source: ``test`` for test.txt, the folder name otherwise."""
+    stem = source.stem if source.suffix.lower() == ".txt" else source.name
+    return _SAFE_NAME.sub("_", stem).strip("._") or "batch"
+
+
+def default_data_dir(run: RunDir) -> Path:
+    """The data folder the run was trained on (its conf.json), where its split lists point."""
+    from speechclas.config import project_dir
+
+    conf = json.loads(run.conf_path.read_text())
+    data_dir = Path(conf.get("general", conf)["data_dir"])
+    return data_dir if data_dir.is_absolute() else project_dir() / data_dir
+
+
+# --- scoring and statistics ---------------------------------------------------------
+
+
+def true_label(word: str | None, labels: Sequence[str]) -> str | None:
+    """The class a clip of folder `word` belongs to: the word if the model knows it, else _unknown_."""
+    if word is None:
+        return None
+    return word if word in labels else UNKNOWN_LABEL
+
+
+def predict_items(
+    predictor: Predictor, items: Iterable[BatchItem], top_k: int = DEFAULT_TOP_K, progress: bool = True
+) -> list[dict[str, Any]]:
+    """Score each clip; a clip that cannot be decoded gets an ``error`` entry instead of stopping the batch."""
+    items = list(items)
+    records = []
+    for item in tqdm(items, desc="Predicting", unit="clip", disable=not progress):
+        record: dict[str, Any] = {"file": item.name, "label": true_label(item.word, predictor.labels)}
+        try:
+            audio = decode_audio(item.path, predictor.settings.sample_rate, name=f"the file {item.name!r}")
+        except AudioError as exc:
+            logger.warning("Skipped %s: %s", item.name, exc)
+            records.append({**record, "error": str(exc)})
+            continue
+        answer = predictor.predict(audio, top_k)
+        answer.pop("run")
+        records.append({**record, **answer})
+    return records
+
+
+def batch_statistics(records: Sequence[dict[str, Any]], labels: Sequence[str]) -> dict[str, Any]:
+    """metrics.classification_metrics over the scored clips with a known label, plus what was left out."""
+    scored = [r for r in records if "error" not in r and r.get("label") is not None]
+    index = {label: i for i, label in enumerate(labels)}
+    truth = [index[r["label"]] for r in scored]
+    predicted = [index[r["predictions"][0]["label"]] for r in scored]
+    return {
+        **classification_metrics(truth, predicted, labels),
+        "files": len(records),
+        "failed": sum("error" in r for r in records),
+        "unlabelled": sum("error" not in r and r.get("label") is None for r in records),
+    }
+
+
+def predictions_path(run: RunDir, name: str) -> Path:
+    return run.predictions / f"{name}.json"
+
+
+def stats_paths(run: RunDir, name: str) -> tuple[Path, Path]:
+    """Where a batch's metrics and its confusion-matrix picture go."""
+    return run.stats / f"{name}_metrics.json", run.stats / f"{name}_confusion_matrix.png"
+
+
+def load_batch(run: RunDir, name: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The stored predictions of a batch and its metrics (None when it had no labelled clip)."""
+    predictions = json.loads(predictions_path(run, name).read_text())
+    metrics_path, _ = stats_paths(run, name)
+    return predictions, json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+
+
+def write_batch(run: RunDir, name: str, source: str, records: list[dict[str, Any]], labels: Sequence[str]):
+    """Store the predictions and, when some clips were labelled, their statistics; returns both paths."""
+    run.predictions.mkdir(parents=True, exist_ok=True)
+    out = predictions_path(run, name)
+    out.write_text(json.dumps({
+        "run": run.name,
+        "source": source,
+        "created": dt.datetime.now().isoformat(timespec="seconds"),
+        "labels": list(labels),
+        "files": records,
+    }, indent=1))
+    stats = batch_statistics(records, labels)
+    if not stats["count"]:
+        return out, None, stats
+    metrics_path, picture_path = stats_paths(run, name)
+    run.stats.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps({"run": run.name, "source": source, **stats}, indent=2))
+    save_confusion_png(stats["confusion_matrix"], labels, picture_path,
+                       title=f"{run.name} {name}: accuracy {stats['accuracy']:.3f} (N={stats['count']})")
+    return out, metrics_path, stats
+
+
+def run_batch(
+    models_dir: Path,
+    source: Path,
+    *,
+    run: str | None = None,
+    data_dir: Path | None = None,
+    name: str | None = None,
+    top_k: int = DEFAULT_TOP_K,
+    progress: bool = True,
+    predictors: PredictorCache | None = None,
+) -> BatchResult:
+    """Score a folder or a split list (``.txt``) with a run and store predictions and statistics.
+
+    A split list's lines are relative to `data_dir`, by default the data the
+    run was trained on. Raises InputError or RunNotFoundError when nothing can be scored.
+    """
+    source = Path(source)
+    run_dir = find_run(models_dir, run)
+    if source.is_dir():
+        items = items_from_folder(source)
+    elif source.suffix.lower() == ".txt":
+        items = items_from_split_list(source, Path(data_dir) if data_dir else default_data_dir(run_dir))
+    else:
+        raise InputError(f"{source} is neither a folder nor a split list (.txt)")
+    if not items:
+        raise InputError(f"{source} names no audio files ({', '.join(AUDIO_SUFFIXES)})")
+    name = name or batch_name(source)
+    if _SAFE_NAME.search(name) or name.startswith("."):
+        raise InputError(f"batch name {name!r} may hold only letters, digits, '.', '_' and '-'")
+    predictor = (predictors or PredictorCache(max_runs=1)).get(run_dir)
+    logger.info("Predicting %d clips of %s with run %s", len(items), source, run_dir.name)
+    records = predict_items(predictor, items, top_k, progress)
+    out, metrics_path, stats = write_batch(run_dir, name, str(source), records, predictor.labels)
+    summary = {key: stats[key] for key in ("files", "failed", "unlabelled", "count", "accuracy")}
+    logger.info("Wrote %s (%s)", out, summary)
+    return BatchResult(run=run_dir, name=name, predictions_path=out, metrics_path=metrics_path, summary=summary)
+
+
+# --- uploaded archives (the API) ---------------------------------------------------------
+
+
+def looks_like_archive(path: Path, file_name: str | None = None) -> bool:
+    """Whether an upload is an archive of clips rather than one clip: by its name, else its first bytes."""
+    if file_name and file_name.lower().endswith(ARCHIVE_SUFFIXES):
+        return True
+    with open(path, "rb") as stream:
+        head = stream.read(262)
+    return head.startswith((b"PK\x03\x04", b"\x1f\x8b")) or head[257:262] == b"ustar"
+
+
+def predict_archive(
+    predictors: PredictorCache,
+    models_dir: Path,
+    archive: Path,
+    *,
+    archive_name: str | None = None,
+    run: str | None = None,
+    top_k: int = DEFAULT_TOP_K,
+    max_files: int = MAX_ARCHIVE_FILES,
+    max_unpacked_bytes: int = MAX_ARCHIVE_UNPACKED_BYTES,
+) -> dict[str, Any]:
+    """Per-file top-k of the clips in an uploaded archive, unpacked safely into a temp folder
+    that is always removed; statistics too when the clips sit in label folders."""
+    run_dir = find_run(models_dir, run)
+    archive_name = archive_name or Path(archive).name
+    with tempfile.TemporaryDirectory(prefix="speechclas-batch-") as tmp:
+        # extract_archive names its errors after the file: give it the uploaded name.
+        named = Path(tmp) / (_SAFE_NAME.sub("_", Path(archive_name).name).strip(".") or "upload")
+        named.symlink_to(Path(archive).resolve())
+        try:
+            extract_archive(named, Path(tmp) / "clips", max_total_bytes=max_unpacked_bytes,
+                            max_members=2 * max_files + 16)
+        except ArchiveError as exc:
+            raise ArchiveRefused(f"the archive was refused: {exc}") from None
+        # As for dataset archives, one wrapping top folder is not a label folder.
+        items = items_from_folder(_dataset_root(Path(tmp) / "clips"))
+        if not items:
+            raise ArchiveRefused(f"{archive_name} holds no audio files ({', '.join(AUDIO_SUFFIXES)})")
+        if len(items) > max_files:
+            raise ArchiveRefused(f"{archive_name} holds {len(items)} clips; at most {max_files} are accepted")
+        predictor = predictors.get(run_dir)
+        records = predict_items(predictor, items, top_k, progress=False)
+    stats = batch_statistics(records, predictor.labels)
+    answer: dict[str, Any] = {"run": run_dir.name, "files": records,
+                              "summary": {key: stats[key] for key in ("files", "failed", "unlabelled")}}
+    if stats["count"]:
+        answer["metrics"] = {key: stats[key] for key in ("count", "accuracy", "labels", "per_class",
+                                                         "confusion_matrix")}
+    logger.info("Predicted archive %s with run %s: %s", archive_name, run_dir.name, answer["summary"])
+    return answer

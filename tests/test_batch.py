@@ -1,0 +1,185 @@
+"""Batch prediction: stored predictions and statistics, bad files reported one by one,
+``speechclas-predict`` over a folder or a split list, and archives uploaded to the API."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tarfile
+import zipfile
+
+import pytest
+
+from speechclas import batch
+from speechclas.metrics import classification_metrics
+from speechclas.predict import InputError, PredictorCache
+from speechclas.rundir import RunDir, find_run
+from tests.conftest import DEMO_DATA, demo_clip
+
+WORDS = ("yes", "no", "bed")  # two wanted words and one that is _unknown_
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory, trained_run):
+    """A copy of the session's run, so the predictions written here stay out of other tests' way."""
+    models = tmp_path_factory.mktemp("batch") / "models"
+    shutil.copytree(trained_run.root, models / trained_run.name)
+    return models
+
+
+@pytest.fixture(scope="module")
+def predictors():
+    return PredictorCache(max_runs=1)
+
+
+@pytest.fixture(scope="module")
+def clips_folder(tmp_path_factory):
+    """Label folders with two demo clips each, an empty wav and a text file named .wav."""
+    folder = tmp_path_factory.mktemp("clips")
+    for word in WORDS:
+        (folder / word).mkdir()
+        for clip in sorted((DEMO_DATA / word).glob("*.wav"))[:2]:
+            shutil.copy(clip, folder / word / clip.name)
+    (folder / "yes" / "empty.wav").write_bytes(b"")
+    (folder / "no" / "notes.wav").write_text("not audio at all")
+    (folder / "no" / "README.txt").write_text("not a clip, not counted")
+    return folder
+
+
+def recomputed_metrics(stored: dict) -> dict:
+    """The metrics of stored predictions, computed here from the file entries alone."""
+    labels = stored["labels"]
+    scored = [f for f in stored["files"] if "error" not in f and f["label"] is not None]
+    truth = [labels.index(f["label"]) for f in scored]
+    predicted = [labels.index(f["predictions"][0]["label"]) for f in scored]
+    return classification_metrics(truth, predicted, labels)
+
+
+def test_a_folder_batch_stores_predictions_and_matching_statistics(models_dir, predictors, clips_folder, trained_run):
+    result = batch.run_batch(models_dir, clips_folder, name="clips", progress=False, predictors=predictors)
+    run = RunDir(models_dir / trained_run.name)
+    assert result.predictions_path == run.predictions / "clips.json"
+    assert result.metrics_path == run.stats / "clips_metrics.json"
+    assert (run.stats / "clips_confusion_matrix.png").stat().st_size > 1000
+
+    stored, metrics = batch.load_batch(run, "clips")
+    assert set(stored) == {"run", "source", "created", "labels", "files"}
+    assert stored["run"] == trained_run.name and stored["labels"] == trained_run.labels()
+    assert len(stored["files"]) == 2 * len(WORDS) + 2
+    assert {key: metrics[key] for key in recomputed_metrics(stored)} == recomputed_metrics(stored)
+    assert (metrics["files"], metrics["failed"], metrics["count"]) == (8, 2, 6)
+    assert result.summary == {"files": 8, "failed": 2, "unlabelled": 0, "count": 6, "accuracy": metrics["accuracy"]}
+    by_file = {f["file"]: f for f in stored["files"]}
+    assert {f["label"] for f in by_file.values()} == {"yes", "no", "_unknown_"}  # bed is not a wanted word
+    assert len(by_file[f"yes/{demo_clip('yes').name}"]["predictions"]) == 5
+
+
+def test_a_bad_file_is_reported_for_that_file_only(models_dir, predictors, clips_folder):
+    batch.run_batch(models_dir, clips_folder, name="clips", progress=False, predictors=predictors)
+    stored, _ = batch.load_batch(find_run(models_dir), "clips")
+    errors = {f["file"]: f["error"] for f in stored["files"] if "error" in f}
+    assert set(errors) == {"yes/empty.wav", "no/notes.wav"}
+    assert "is empty" in errors["yes/empty.wav"]
+    assert "not a readable audio file" in errors["no/notes.wav"]
+    assert all("predictions" in f for f in stored["files"] if "error" not in f)
+
+
+def test_a_split_list_is_read_against_the_run_data_and_bad_lines_are_reported(
+    models_dir, predictors, trained_run, tmp_path
+):
+    run = RunDir(models_dir / trained_run.name)
+    test_list = (run.dataset_files / "test.txt").read_text().splitlines()
+    split_list = tmp_path / "test.txt"
+    split_list.write_text("\n".join([*test_list, "", "# a comment", "yes/gone_nohash_0.wav", "../etc/passwd"]) + "\n")
+
+    result = batch.run_batch(models_dir, split_list, progress=False, predictors=predictors)
+    assert result.name == "test"
+    stored, metrics = batch.load_batch(run, "test")
+    assert [f["file"] for f in stored["files"]] == [*test_list, "yes/gone_nohash_0.wav", "../etc/passwd"]
+    errors = {f["file"]: f["error"] for f in stored["files"] if "error" in f}
+    assert set(errors) == {"yes/gone_nohash_0.wav", "../etc/passwd"}
+    assert metrics["count"] == len(test_list)
+    assert {key: metrics[key] for key in recomputed_metrics(stored)} == recomputed_metrics(stored)
+
+
+def test_nothing_to_score_is_refused(models_dir, tmp_path):
+    with pytest.raises(InputError, match="names no audio files"):
+        batch.run_batch(models_dir, tmp_path, progress=False)
+    (tmp_path / "clip.wav").write_bytes(b"")
+    with pytest.raises(InputError, match="neither a folder nor a split list"):
+        batch.run_batch(models_dir, tmp_path / "clip.wav", progress=False)
+
+
+def test_loose_clips_are_predicted_without_statistics(models_dir, predictors, tmp_path):
+    shutil.copy(demo_clip("yes"), tmp_path / "a.wav")
+    result = batch.run_batch(models_dir, tmp_path, name="loose", progress=False, predictors=predictors)
+    assert result.metrics_path is None
+    assert result.summary["unlabelled"] == 1
+    assert batch.load_batch(result.run, "loose")[1] is None
+
+
+# --- archives -----------------------------------------------------------------------------
+
+
+def zip_of(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def tar_gz_of(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def labelled_clips() -> dict[str, bytes]:
+    return {f"clips/{word}/{demo_clip(word).name}": demo_clip(word).read_bytes() for word in WORDS} | {
+        "clips/no/broken.wav": b"RIFF....",
+    }
+
+
+@pytest.mark.parametrize("pack", [zip_of, tar_gz_of], ids=["zip", "tar.gz"])
+def test_an_archive_is_predicted_per_file(models_dir, predictors, tmp_path, pack, trained_run):
+    upload = tmp_path / "upload"
+    upload.write_bytes(pack(labelled_clips()))
+    answer = batch.predict_archive(predictors, models_dir, upload, archive_name="clips.bin")
+    assert answer["run"] == trained_run.name
+    by_file = {f["file"]: f for f in answer["files"]}
+    assert set(by_file) == {name.removeprefix("clips/") for name in labelled_clips()}
+    assert "not a readable audio file" in by_file["no/broken.wav"]["error"]
+    assert all(len(f["predictions"]) == 5 for name, f in by_file.items() if name != "no/broken.wav")
+    assert answer["summary"] == {"files": 4, "failed": 1, "unlabelled": 0}
+    assert answer["metrics"]["count"] == 3
+
+
+def test_archive_limits_and_traversal_are_refused(models_dir, predictors, tmp_path):
+    upload = tmp_path / "upload"
+    upload.write_bytes(zip_of({"../escape.wav": demo_clip().read_bytes()}))
+    with pytest.raises(batch.ArchiveRefused, match="'..'"):
+        batch.predict_archive(predictors, models_dir, upload, archive_name="evil.zip")
+    upload.write_bytes(zip_of({f"yes/{i}.wav": demo_clip().read_bytes() for i in range(4)}))
+    with pytest.raises(batch.ArchiveRefused, match="at most 3"):
+        batch.predict_archive(predictors, models_dir, upload, archive_name="many.zip", max_files=3)
+    upload.write_bytes(zip_of({"notes.txt": b"no clips here"}))
+    with pytest.raises(batch.ArchiveRefused, match="holds no audio files"):
+        batch.predict_archive(predictors, models_dir, upload, archive_name="notes.zip")
+    assert list(tmp_path.iterdir()) == [upload]  # nothing unpacked next to the upload
+
+
+def test_archives_are_told_from_clips(tmp_path):
+    clip = tmp_path / "upload"
+    clip.write_bytes(demo_clip().read_bytes())
+    assert not batch.looks_like_archive(clip, "yes.wav")
+    assert batch.looks_like_archive(clip, "clips.tar.gz")
+    clip.write_bytes(tar_gz_of({"a.wav": b"x"}))
+    assert batch.looks_like_archive(clip, None)
+    clip.write_bytes(zip_of({"a.wav": b"x"}))
+    assert batch.looks_like_archive(clip, "upload")
+
