@@ -227,7 +227,7 @@ def _upload_check(max_bytes: int):
 
 def get_predict_args() -> dict[str, fields.Field]:
     return {
-        "data": fields.Field(
+        "data": fields.Raw(
             validate=_upload_check(max_audio_bytes()),
             metadata={
                 "type": "file",

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from speechclas.audio import DecodedAudio, decode_audio, loudest_window
+from speechclas.audio import DecodedAudio, decode_audio, fix_length, loudest_window
 from speechclas.fetch import fetch_url, redact_url
 from speechclas.rundir import RunDir, find_run
 
@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_TOP_K = 5
 DEFAULT_MAX_AUDIO_BYTES = 16 * 1024 * 1024
 MAX_AUDIO_BYTES_ENV = "SPEECHCLAS_MAX_AUDIO_BYTES"
+# Where the sound of a window starts: the first frame this far from the noise floor to the peak.
+ONSET_THRESHOLD = 0.05
 URL_CONNECT_TIMEOUT_S = 5.0
 URL_READ_TIMEOUT_S = 30.0
 # conf.json keys that fix what the exported model expects as input.
@@ -62,7 +64,8 @@ class Window:
     """The part of the clip the model scored, in seconds of the clip.
 
     ``selection`` is ``whole`` (the clip is exactly one window), ``padded``
-    (shorter: zeros appended) or ``loudest`` (longer: the loudest window).
+    (shorter: zeros appended) or ``loudest`` (longer: the loudest window,
+    starting where its sound starts).
     """
 
     start_s: float
@@ -70,13 +73,36 @@ class Window:
     selection: str
 
 
+def sound_onset(samples: np.ndarray, frame_samples: int, threshold: float = ONSET_THRESHOLD) -> int:
+    """First sample of the first frame that rises `threshold` of the way from the
+    window's noise floor (its quietest tenth of frames) to its loudest frame."""
+    frames = len(samples) // frame_samples
+    if frames == 0:
+        return 0
+    rms = np.sqrt(np.mean(samples[: frames * frame_samples].reshape(frames, frame_samples) ** 2, axis=1))
+    floor = np.percentile(rms, 10)
+    if rms.max() <= floor:
+        return 0
+    return int(np.argmax(rms >= floor + threshold * (rms.max() - floor))) * frame_samples
+
+
 def choose_window(samples: np.ndarray, window_samples: int, hop_samples: int, sample_rate: int):
-    """The model's input for a clip of any length, and where it came from."""
+    """The model's input for a clip of any length, and where it came from.
+
+    A short clip is padded at the end, as training pads its clips, so the sound
+    starts the window. A long one is scored on its loudest window, moved to
+    start where the sound in it starts: the same placement. (Of equally loud
+    windows the search returns the first, which holds a short word at its end,
+    where a model trained on padded clips has never seen one.)
+    """
     if len(samples) > window_samples:
-        clip, start = loudest_window(samples, window_samples, hop_samples)
+        _, start = loudest_window(samples, window_samples, hop_samples)
+        onset = sound_onset(samples[start : start + window_samples], hop_samples)
+        start = min(start + onset, len(samples) - window_samples)
+        clip = samples[start : start + window_samples]
         selection = "loudest"
     else:
-        clip = np.pad(samples, (0, window_samples - len(samples)))
+        clip = fix_length(samples, window_samples)
         start = 0
         selection = "whole" if len(samples) == window_samples else "padded"
     end = start + min(len(samples), window_samples)
@@ -140,7 +166,7 @@ class Predictor:
         scores = self.probabilities(clip)
         best = np.argsort(-scores, kind="stable")[: max(1, top_k)]
         return {
-            "predictions": [{"label": self.labels[i], "probability": round(float(scores[i]), 6)} for i in best],
+            "predictions": [{"label": self.labels[i], "probability": float(f"{scores[i]:.6g}")} for i in best],
             "run": self.run.name,
             "duration_s": round(audio.duration_s, 3),
             "sample_rate": audio.original_sample_rate,
