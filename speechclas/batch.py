@@ -190,13 +190,17 @@ def load_batch(run: RunDir, name: str) -> tuple[dict[str, Any], dict[str, Any] |
     return predictions, json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
 
 
-def write_batch(run: RunDir, name: str, source: str, records: list[dict[str, Any]], labels: Sequence[str]):
-    """Store the predictions and, when some clips were labelled, their statistics; returns both paths."""
+def write_batch(
+    run: RunDir, name: str, source: Path, root: Path, records: list[dict[str, Any]], labels: Sequence[str]
+):
+    """Store the predictions (file names relative to `root`) and, when some clips were labelled,
+    their statistics; returns both paths and the statistics."""
     run.predictions.mkdir(parents=True, exist_ok=True)
     out = predictions_path(run, name)
     out.write_text(json.dumps({
         "run": run.name,
-        "source": source,
+        "source": str(source),
+        "root": str(root),
         "created": dt.datetime.now().isoformat(timespec="seconds"),
         "labels": list(labels),
         "files": records,
@@ -206,7 +210,7 @@ def write_batch(run: RunDir, name: str, source: str, records: list[dict[str, Any
         return out, None, stats
     metrics_path, picture_path = stats_paths(run, name)
     run.stats.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps({"run": run.name, "source": source, **stats}, indent=2))
+    metrics_path.write_text(json.dumps({"run": run.name, "source": str(source), **stats}, indent=2))
     save_confusion_png(stats["confusion_matrix"], labels, picture_path,
                        title=f"{run.name} {name}: accuracy {stats['accuracy']:.3f} (N={stats['count']})")
     return out, metrics_path, stats
@@ -231,9 +235,11 @@ def run_batch(
     source = Path(source)
     run_dir = find_run(models_dir, run)
     if source.is_dir():
+        root = source
         items = items_from_folder(source)
     elif source.suffix.lower() == ".txt":
-        items = items_from_split_list(source, Path(data_dir) if data_dir else default_data_dir(run_dir))
+        root = Path(data_dir) if data_dir else default_data_dir(run_dir)
+        items = items_from_split_list(source, root)
     else:
         raise InputError(f"{source} is neither a folder nor a split list (.txt)")
     if not items:
@@ -244,7 +250,7 @@ def run_batch(
     predictor = (predictors or PredictorCache(max_runs=1)).get(run_dir)
     logger.info("Predicting %d clips of %s with run %s", len(items), source, run_dir.name)
     records = predict_items(predictor, items, top_k, progress)
-    out, metrics_path, stats = write_batch(run_dir, name, str(source), records, predictor.labels)
+    out, metrics_path, stats = write_batch(run_dir, name, source, root, records, predictor.labels)
     summary = {key: stats[key] for key in ("files", "failed", "unlabelled", "count", "accuracy")}
     logger.info("Wrote %s (%s)", out, summary)
     return BatchResult(run=run_dir, name=name, predictions_path=out, metrics_path=metrics_path, summary=summary)

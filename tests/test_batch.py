@@ -63,7 +63,7 @@ def test_a_folder_batch_stores_predictions_and_matching_statistics(models_dir, p
     assert (run.stats / "clips_confusion_matrix.png").stat().st_size > 1000
 
     stored, metrics = batch.load_batch(run, "clips")
-    assert set(stored) == {"run", "source", "created", "labels", "files"}
+    assert set(stored) == {"run", "source", "root", "created", "labels", "files"}
     assert stored["run"] == trained_run.name and stored["labels"] == trained_run.labels()
     assert len(stored["files"]) == 2 * len(WORDS) + 2
     assert {key: metrics[key] for key in recomputed_metrics(stored)} == recomputed_metrics(stored)
