@@ -199,3 +199,27 @@ def test_cli_trains_and_prints_where_the_run_went(toy_data, tmp_path):
     assert Path(summary["run_dir"]).parent == tmp_path
     assert RunDir(Path(summary["run_dir"])).is_finished()
     assert 0 <= summary["test_accuracy"] <= 1
+
+
+def test_training_from_a_data_url_downloads_once(toy_data, tmp_path, monkeypatch):
+    import tarfile
+
+    from speechclas.train import resolve_data_dir
+    from tests.http_server import serve_directory
+
+    served = tmp_path / "served"
+    served.mkdir()
+    with tarfile.open(served / "toy.tar.gz", "w:gz") as archive:
+        archive.add(toy_data, arcname="toy")
+    monkeypatch.setenv("SPEECHCLAS_ALLOW_PRIVATE_URLS", "1")
+    with serve_directory(served) as base_url:
+        config = toy_config(tmp_path / "unused", tmp_path / "models", model_architecture="single_fc",
+                            data_url=f"{base_url}/toy.tar.gz")
+        result = train(config, base_dir=tmp_path, progress=False)
+        data_dir = resolve_data_dir(config, base_dir=tmp_path)
+    assert result.run.is_finished()
+    assert tmp_path / "data" / "downloads" in data_dir.parents
+    assert sorted(p.name for p in data_dir.iterdir()) == ["_background_noise_", "bed", "no", "yes"]
+    # The server is gone: a second run reuses the unpacked copy.
+    again = train(config, base_dir=tmp_path, progress=False)
+    assert again.run.is_finished()
