@@ -77,6 +77,8 @@ class _ProcessState:
         return self._models_dir[1]
 
 
+# The module's one piece of mutable state: DEEPaaS runs our functions in worker processes
+# that keep nothing between calls but what a module holds (see the module doc).
 _state = _ProcessState()
 
 

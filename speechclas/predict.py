@@ -52,7 +52,11 @@ _FEATURE_KEYS = (
 def max_audio_bytes() -> int:
     """Largest audio upload or download accepted (operator setting ``SPEECHCLAS_MAX_AUDIO_BYTES``)."""
     raw = os.environ.get(MAX_AUDIO_BYTES_ENV, "").strip()
-    return int(raw) if raw else DEFAULT_MAX_AUDIO_BYTES
+    if not raw:
+        return DEFAULT_MAX_AUDIO_BYTES
+    if not raw.isdigit() or int(raw) == 0:
+        raise ValueError(f"{MAX_AUDIO_BYTES_ENV} must be a positive number of bytes, got {raw!r}")
+    return int(raw)
 
 
 class InputError(ValueError):

@@ -18,6 +18,7 @@ from speechclas.predict import (
     Predictor,
     PredictorCache,
     choose_window,
+    max_audio_bytes,
     predict_request,
     sound_onset,
 )
@@ -146,6 +147,16 @@ def test_cache_loads_a_run_once_and_again_when_replaced(trained_run):
     stat = trained_run.done_path.stat()
     os.utime(trained_run.done_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     assert cache.get(trained_run) is not first
+
+
+def test_max_audio_bytes_is_an_operator_setting(monkeypatch):
+    monkeypatch.delenv("SPEECHCLAS_MAX_AUDIO_BYTES", raising=False)
+    assert max_audio_bytes() == 16 * 1024 * 1024
+    monkeypatch.setenv("SPEECHCLAS_MAX_AUDIO_BYTES", "2048")
+    assert max_audio_bytes() == 2048
+    monkeypatch.setenv("SPEECHCLAS_MAX_AUDIO_BYTES", "16M")
+    with pytest.raises(ValueError, match="SPEECHCLAS_MAX_AUDIO_BYTES must be a positive number of bytes"):
+        max_audio_bytes()
 
 
 # --- predict_request: what the API and the CLI both answer ---------------------------
