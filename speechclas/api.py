@@ -36,6 +36,7 @@ from aiohttp import web
 from marshmallow import ValidationError, fields, validate
 
 from speechclas.audio import AudioError
+from speechclas.batch import looks_like_archive, predict_archive
 from speechclas.config import (
     ConfigError,
     ParamSpec,
@@ -208,7 +209,41 @@ class PredictionResponse(marshmallow.Schema):
     window = fields.Nested(_Window, required=True)
 
 
-schema = PredictionResponse
+class _FileAnswer(marshmallow.Schema):
+    file = fields.Str(required=True, metadata={"description": "Path inside the archive"})
+    label = fields.Str(allow_none=True, metadata={"description": "True class, from the folder name (null: none)"})
+    predictions = fields.List(fields.Nested(_Label))
+    error = fields.Str(metadata={"description": "Why this file could not be scored (then no predictions)"})
+    duration_s = fields.Float()
+    sample_rate = fields.Int()
+    channels = fields.Int()
+    window = fields.Nested(_Window)
+
+
+class ArchivePredictionResponse(marshmallow.Schema):
+    """The answer to an uploaded .zip/.tar.gz of clips (`speechclas.batch.predict_archive`)."""
+
+    status = fields.Str(required=True, validate=validate.Equal("ok"))
+    run = fields.Str(required=True)
+    files = fields.List(fields.Nested(_FileAnswer), required=True)
+    summary = fields.Dict(keys=fields.Str(), values=fields.Int(), required=True)
+    metrics = fields.Dict(metadata={"description": "Accuracy, per-class metrics, confusion matrix (labelled clips)"})
+
+
+class PredictResponse(PredictionResponse):
+    """One clip's answer, or for an archive upload an ArchivePredictionResponse."""
+
+    files = fields.List(fields.Nested(_FileAnswer), metadata={"description": "Archive uploads only: per file"})
+    summary = fields.Dict(metadata={"description": "Archive uploads only: files, failed, unlabelled"})
+    metrics = fields.Dict(metadata={"description": "Archive uploads only, when clips sit in label folders"})
+
+    def load(self, data, **kwargs):
+        if isinstance(data, dict) and "files" in data:
+            return ArchivePredictionResponse().load(data, **kwargs)
+        return PredictionResponse().load(data, **kwargs)
+
+
+schema = PredictResponse
 
 
 def _upload_check(max_bytes: int):
@@ -235,7 +270,7 @@ def get_predict_args() -> dict[str, fields.Field]:
                 "type": "file",
                 "location": "form",
                 "description": "Audio file to classify (wav of any bit depth, rate and channel count; "
-                "flac and ogg too). Send this or 'urls'.",
+                "flac and ogg too), or a .zip/.tar.gz of such files, answered per file. Send this or 'urls'.",
             },
         ),
         "urls": fields.Str(
@@ -263,6 +298,18 @@ def predict(**args) -> dict[str, Any]:
     upload = args.get("data")
     try:
         with _http_errors():
+            if upload is not None and not args.get("urls") and looks_like_archive(
+                Path(upload.filename), upload.original_filename
+            ):
+                result = predict_archive(
+                    _state.predictors,
+                    _state.models_dir(),
+                    Path(upload.filename),
+                    archive_name=upload.original_filename,
+                    run=args.get("run"),
+                    top_k=args.get("top_k", DEFAULT_TOP_K),
+                )
+                return {"status": "ok", **result}
             result = predict_request(
                 _state.predictors,
                 _state.models_dir(),

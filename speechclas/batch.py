@@ -30,7 +30,6 @@ from tqdm import tqdm
 from speechclas.archive import ArchiveError, _dataset_root, extract_archive
 from speechclas.audio import AudioError, decode_audio
 from speechclas.data import AUDIO_SUFFIXES, BACKGROUND_NOISE_DIR, UNKNOWN_LABEL
-from speechclas.metrics import classification_metrics, save_confusion_png
 from speechclas.predict import DEFAULT_TOP_K, InputError, Predictor, PredictorCache
 from speechclas.rundir import RunDir, find_run
 
@@ -64,6 +63,11 @@ class BatchResult:
     predictions_path: Path
     metrics_path: Path | None  # None when no clip had a known label
     summary: dict[str, Any]
+
+    def describe(self) -> dict[str, Any]:
+        """What a person wants to see when the batch is done, JSON-ready."""
+        return {"run": self.run.name, "predictions": str(self.predictions_path),
+                "metrics": str(self.metrics_path) if self.metrics_path else None, **self.summary}
 
 
 # --- what to score ----------------------------------------------------------------
@@ -162,6 +166,8 @@ def predict_items(
 
 def batch_statistics(records: Sequence[dict[str, Any]], labels: Sequence[str]) -> dict[str, Any]:
     """metrics.classification_metrics over the scored clips with a known label, plus what was left out."""
+    from speechclas.metrics import classification_metrics  # scikit-learn: not in DEEPaaS's main process
+
     scored = [r for r in records if "error" not in r and r.get("label") is not None]
     index = {label: i for i, label in enumerate(labels)}
     truth = [index[r["label"]] for r in scored]
@@ -208,6 +214,8 @@ def write_batch(
     stats = batch_statistics(records, labels)
     if not stats["count"]:
         return out, None, stats
+    from speechclas.metrics import save_confusion_png
+
     metrics_path, picture_path = stats_paths(run, name)
     run.stats.mkdir(parents=True, exist_ok=True)
     metrics_path.write_text(json.dumps({"run": run.name, "source": str(source), **stats}, indent=2))

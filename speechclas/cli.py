@@ -64,9 +64,14 @@ def predict_main(argv: list[str] | None = None) -> int:
         prog="speechclas-predict",
         description="Classify one audio file or http(s) URL with a trained run and print the JSON "
         "the API answers. URLs to private or loopback addresses are refused unless "
-        "SPEECHCLAS_ALLOW_PRIVATE_URLS=1.",
+        "SPEECHCLAS_ALLOW_PRIVATE_URLS=1. A folder or a split list (.txt of <label>/<file> lines) is "
+        "predicted as a batch into models/<run>/predictions/<name>.json, with statistics in stats/.",
     )
-    parser.add_argument("source", metavar="FILE_OR_URL", help="audio file (wav, flac, ogg) or http(s) URL of one")
+    parser.add_argument("source", metavar="FILE_OR_URL",
+                        help="audio file (wav, flac, ogg), http(s) URL of one, folder, or split list (.txt)")
+    parser.add_argument("--data-dir", help="batch: folder the split list's lines are relative to "
+                        "(default: the data the run was trained on)")
+    parser.add_argument("--name", help="batch: name of the stored predictions (default: from the source)")
     parser.add_argument("--run", help="run folder in the models folder (default: models/api, else the newest finished run)")
     parser.add_argument("--top-k", type=int, default=5, help="number of labels to print (default: 5)")
     parser.add_argument("--models-dir", help="folder of trained runs (default: models_dir of etc/config.yaml)")
@@ -95,6 +100,17 @@ def predict_main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     is_url = urlsplit(args.source).scheme.lower() in ("http", "https")
+    if not is_url and (Path(args.source).is_dir() or args.source.lower().endswith(".txt")):
+        from speechclas.batch import run_batch
+
+        try:
+            batch = run_batch(models_dir, Path(args.source), run=args.run, name=args.name, top_k=args.top_k,
+                              data_dir=Path(args.data_dir) if args.data_dir else None, progress=sys.stderr.isatty())
+        except (InputError, RunNotFoundError) as exc:
+            logger.error("%s", exc)
+            return 2
+        print(json.dumps(batch.describe(), indent=2))
+        return 0
     try:
         result = predict_request(
             PredictorCache(max_runs=1),

@@ -1,20 +1,28 @@
 """Batch prediction: stored predictions and statistics, bad files reported one by one,
-``speechclas-predict`` over a folder or a split list, and archives uploaded to the API."""
+``speechclas-predict`` over a folder or a split list, and archives uploaded to a real
+``deepaas-run`` (the archive checks themselves are speechclas.archive's, tested there)."""
 
 from __future__ import annotations
 
 import io
+import json
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
 import zipfile
+from pathlib import Path
 
 import pytest
+import requests
 
-from speechclas import batch
+from speechclas import api, batch
 from speechclas.metrics import classification_metrics
 from speechclas.predict import InputError, PredictorCache
 from speechclas.rundir import RunDir, find_run
-from tests.conftest import DEMO_DATA, demo_clip
+from tests.conftest import DEMO_DATA, demo_clip, make_project_home
+from tests.test_deepaas_process import PREDICT, free_port, wait_until_serving
 
 WORDS = ("yes", "no", "bed")  # two wanted words and one that is _unknown_
 
@@ -118,6 +126,23 @@ def test_loose_clips_are_predicted_without_statistics(models_dir, predictors, tm
     assert batch.load_batch(result.run, "loose")[1] is None
 
 
+def test_speechclas_predict_runs_a_batch_over_a_folder_or_a_split_list(models_dir, clips_folder, trained_run, capsys):
+    from speechclas.cli import predict_main
+
+    assert predict_main([str(clips_folder), "--models-dir", str(models_dir), "--name", "from-cli"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    run = RunDir(models_dir / trained_run.name)
+    assert printed["predictions"] == str(batch.predictions_path(run, "from-cli"))
+    assert (printed["files"], printed["failed"]) == (8, 2)
+
+    split_list = run.dataset_files / "val.txt"
+    assert predict_main([str(split_list), "--models-dir", str(models_dir), "--data-dir", str(DEMO_DATA)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["metrics"] == str(run.stats / "val_metrics.json")
+    assert printed["count"] == len(split_list.read_text().split())
+    assert predict_main([str(clips_folder / "nowhere.txt"), "--models-dir", str(models_dir)]) == 2
+
+
 # --- archives -----------------------------------------------------------------------------
 
 
@@ -183,3 +208,64 @@ def test_archives_are_told_from_clips(tmp_path):
     clip.write_bytes(zip_of({"a.wav": b"x"}))
     assert batch.looks_like_archive(clip, "upload")
 
+
+
+# --- the API: archives uploaded to a real deepaas-run ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def api_url(tmp_path_factory, trained_run):
+    """deepaas-run (one worker) serving the session's run on a loopback port."""
+    home = make_project_home(tmp_path_factory.mktemp("batch-home"), [trained_run])
+    url = f"http://127.0.0.1:{free_port()}"
+    log = home / "deepaas.log"
+    command = [str(Path(sys.executable).parent / "deepaas-run"), "--listen-ip", "127.0.0.1",
+               "--listen-port", url.rsplit(":", 1)[1], "--workers", "1"]  # fmt: skip
+    env = {**os.environ, "SPEECHCLAS_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    with log.open("w") as output:
+        process = subprocess.Popen(command, env=env, cwd=home, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        wait_until_serving(url, process, log)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def post_archive(api_url: str, name: str, content: bytes) -> requests.Response:
+    return requests.post(api_url + PREDICT, files={"data": (name, content)}, headers={"Accept": "application/json"},
+                         timeout=60)  # fmt: skip
+
+
+@pytest.mark.parametrize(("pack", "name"), [(zip_of, "clips.zip"), (tar_gz_of, "clips.tar.gz")], ids=["zip", "tar.gz"])
+def test_the_api_answers_an_uploaded_archive_per_file(api_url, trained_run, pack, name):
+    response = post_archive(api_url, name, pack(labelled_clips()))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "ok" and body["run"] == trained_run.name
+    assert api.schema().load(body)  # what DEEPaaS validated before answering
+    by_file = {f["file"]: f for f in body["files"]}
+    assert set(by_file) == {name.removeprefix("clips/") for name in labelled_clips()}
+    assert "not a readable audio file" in by_file["no/broken.wav"]["error"]
+    yes = by_file[f"yes/{demo_clip('yes').name}"]
+    assert yes["label"] == "yes" and len(yes["predictions"]) == 5
+    assert body["summary"] == {"files": 4, "failed": 1, "unlabelled": 0}
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("evil.zip", zip_of({"../../escape.wav": b"RIFF"}), "'..'"),
+        ("evil.tar.gz", tar_gz_of({"/tmp/escape.wav": b"RIFF"}), "absolute path"),
+        ("broken.zip", b"PK\x03\x04 and then nothing", "not a valid"),
+    ],
+    ids=["zip-traversal", "tar-absolute", "broken"],
+)
+def test_the_api_refuses_a_bad_archive_with_a_400(api_url, name, content, message):
+    response = post_archive(api_url, name, content)
+    assert response.status_code == 400, response.text
+    assert message in response.json()["message"]
