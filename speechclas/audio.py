@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import re
 import struct
 from pathlib import Path
 from typing import BinaryIO
@@ -77,9 +78,9 @@ def decode_audio(source: str | Path | bytes | BinaryIO, sample_rate: int, name: 
     try:
         samples, original_rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise AudioError(
-            f"{name} is not a readable audio file (wav, flac or ogg expected): {exc}"
-        ) from exc
+        # libsndfile names the in-memory buffer ("<_io.BytesIO object at 0x...>"); keep its reason only.
+        reason = re.sub(r"Error opening <[^>]*>: ?", "", str(exc)).strip() or "unknown format"
+        raise AudioError(f"{name} is not a readable audio file (wav, flac or ogg expected): {reason}") from exc
     if samples.shape[0] == 0:
         raise AudioError(f"{name} holds no audio samples")
     channels = samples.shape[1]
@@ -102,6 +103,24 @@ def fix_length(samples: np.ndarray, length: int) -> np.ndarray:
     if len(samples) >= length:
         return samples[:length]
     return np.pad(samples, (0, length - len(samples)))
+
+
+def place_in_window(samples: np.ndarray, length: int) -> tuple[np.ndarray, int, str]:
+    """The one placement of a clip in the model window, for training and prediction alike.
+
+    Shorter clips are centred (word-length clips then sit where 1 s
+    speech_commands clips have their word), longer ones give their loudest
+    window. Answers the window, the start sample of the clip's audio in it
+    (negative: padding in front) and how it was chosen.
+    """
+    if len(samples) == length:
+        return samples, 0, "whole"
+    if len(samples) < length:
+        missing = length - len(samples)
+        before = missing // 2
+        return np.pad(samples, (before, missing - before)), -before, "padded"
+    window, start = loudest_window(samples, length, hop=max(1, length // 100))
+    return window, start, "loudest"
 
 
 def loudest_window(samples: np.ndarray, length: int, hop: int) -> tuple[np.ndarray, int]:

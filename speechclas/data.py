@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from speechclas.audio import AudioError, decode_audio, fix_length, to_int16
+from speechclas.audio import AudioError, decode_audio, place_in_window, to_int16
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +194,8 @@ def evaluation_examples(
 def load_clips(
     data_dir: Path, paths: Iterable[str | None], sample_rate: int, desired_samples: int, workers: int = 4
 ) -> np.ndarray:
-    """Decode clips once into an int16 array [clips, desired_samples].
+    """Decode clips once into an int16 array [clips, desired_samples], each
+    placed in the window as prediction places its input (audio.place_in_window).
 
     Kept in memory because a keyword dataset is small (32 KB a clip at 16 kHz)
     and the training pipeline then never waits on disk. None gives silence.
@@ -210,7 +211,7 @@ def load_clips(
             decoded = decode_audio(data_dir / relative, sample_rate)
         except AudioError as exc:
             raise DataError(f"cannot use training clip {relative}: {exc}") from exc
-        out[position] = to_int16(fix_length(decoded.samples, desired_samples))
+        out[position] = to_int16(place_in_window(decoded.samples, desired_samples)[0])
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         items = list(enumerate(paths))

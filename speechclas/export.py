@@ -49,11 +49,19 @@ class InferenceModule(tf.Module):
         return {SOFTMAX_OUTPUT: self._probabilities(audio)}
 
     def _from_wav(self, wav_data):
-        """One 16-bit PCM wav file's bytes to probabilities [1, labels]."""
-        decoded = tf.audio.decode_wav(
-            wav_data, desired_channels=1, desired_samples=self.settings.desired_samples, name=DECODED_INPUT
-        )
-        return {SOFTMAX_OUTPUT: self._probabilities(tf.transpose(decoded.audio))}
+        """One 16-bit PCM wav file's bytes to probabilities [1, labels].
+
+        A shorter clip is centred in the window, as training and the server
+        place it (audio.place_in_window); a longer one is cut at the end.
+        """
+        decoded = tf.audio.decode_wav(wav_data, desired_channels=1, name=DECODED_INPUT)
+        return {SOFTMAX_OUTPUT: self._probabilities(self._centre(decoded.audio[:, 0])[None, :])}
+
+    def _centre(self, samples):
+        length = self.settings.desired_samples
+        samples = samples[:length]
+        missing = length - tf.shape(samples)[0]
+        return tf.reshape(tf.pad(samples, [[missing // 2, missing - missing // 2]]), [length])
 
 
 def export_saved_model(module: InferenceModule, out_dir: Path) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from speechclas.audio import DecodedAudio, decode_audio, fix_length, loudest_window
+from speechclas.audio import DecodedAudio, decode_audio, place_in_window
 from speechclas.fetch import fetch_url, redact_url
 from speechclas.rundir import RunDir, find_run
 
@@ -35,7 +35,6 @@ DEFAULT_TOP_K = 5
 DEFAULT_MAX_AUDIO_BYTES = 16 * 1024 * 1024
 MAX_AUDIO_BYTES_ENV = "SPEECHCLAS_MAX_AUDIO_BYTES"
 # Where the sound of a window starts: the first frame this far from the noise floor to the peak.
-ONSET_THRESHOLD = 0.05
 URL_CONNECT_TIMEOUT_S = 5.0
 URL_READ_TIMEOUT_S = 30.0
 # conf.json keys that fix what the exported model expects as input.
@@ -68,8 +67,7 @@ class Window:
     """The part of the clip the model scored, in seconds of the clip.
 
     ``selection`` is ``whole`` (the clip is exactly one window), ``padded``
-    (shorter: zeros appended) or ``loudest`` (longer: the loudest window,
-    starting where its sound starts).
+    (shorter: centred between zeros) or ``loudest`` (longer: its loudest window).
     """
 
     start_s: float
@@ -77,40 +75,13 @@ class Window:
     selection: str
 
 
-def sound_onset(samples: np.ndarray, frame_samples: int, threshold: float = ONSET_THRESHOLD) -> int:
-    """First sample of the first frame that rises `threshold` of the way from the
-    window's noise floor (its quietest tenth of frames) to its loudest frame."""
-    frames = len(samples) // frame_samples
-    if frames == 0:
-        return 0
-    rms = np.sqrt(np.mean(samples[: frames * frame_samples].reshape(frames, frame_samples) ** 2, axis=1))
-    floor = np.percentile(rms, 10)
-    if rms.max() <= floor:
-        return 0
-    return int(np.argmax(rms >= floor + threshold * (rms.max() - floor))) * frame_samples
-
-
-def choose_window(samples: np.ndarray, window_samples: int, hop_samples: int, sample_rate: int):
-    """The model's input for a clip of any length, and where it came from.
-
-    A short clip is padded at the end, as training pads its clips, so the sound
-    starts the window. A long one is scored on its loudest window, moved to
-    start where the sound in it starts: the same placement. (Of equally loud
-    windows the search returns the first, which holds a short word at its end,
-    where a model trained on padded clips has never seen one.)
-    """
-    if len(samples) > window_samples:
-        _, start = loudest_window(samples, window_samples, hop_samples)
-        onset = sound_onset(samples[start : start + window_samples], hop_samples)
-        start = min(start + onset, len(samples) - window_samples)
-        clip = samples[start : start + window_samples]
-        selection = "loudest"
-    else:
-        clip = fix_length(samples, window_samples)
-        start = 0
-        selection = "whole" if len(samples) == window_samples else "padded"
-    end = start + min(len(samples), window_samples)
-    return clip, Window(round(start / sample_rate, 3), round(end / sample_rate, 3), selection)
+def choose_window(samples: np.ndarray, window_samples: int, sample_rate: int):
+    """The model's input for a clip of any length, placed exactly as training
+    placed its clips (audio.place_in_window), and where it came from."""
+    clip, start, selection = place_in_window(samples, window_samples)
+    first = max(start, 0)
+    end = first + min(len(samples), window_samples)
+    return clip, Window(round(first / sample_rate, 3), round(end / sample_rate, 3), selection)
 
 
 def run_sample_rate(run: RunDir) -> int:
@@ -164,9 +135,7 @@ class Predictor:
         """Top-k labels of a decoded clip (at the model's rate), JSON-ready."""
         if audio.sample_rate != self.settings.sample_rate:
             raise ValueError(f"audio at {audio.sample_rate} Hz given to a {self.settings.sample_rate} Hz model")
-        clip, window = choose_window(
-            audio.samples, self.settings.desired_samples, self.settings.window_stride_samples, audio.sample_rate
-        )
+        clip, window = choose_window(audio.samples, self.settings.desired_samples, audio.sample_rate)
         scores = self.probabilities(clip)
         best = np.argsort(-scores, kind="stable")[: max(1, top_k)]
         return {

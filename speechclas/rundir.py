@@ -126,7 +126,7 @@ def find_run(models_dir: Path, name: str | None = None) -> RunDir:
             raise RunNotFoundError(f"{name!r} is not a run name (expected YYYY-MM-DD_HHMMSS or 'api')")
         run = RunDir(models_dir / name)
         if not run.root.is_dir():
-            raise RunNotFoundError(f"there is no run {name!r} in {models_dir}")
+            raise RunNotFoundError(f"there is no run {name!r}")
         if not run.is_finished():
             raise RunNotFoundError(f"run {name!r} did not finish (cancelled, failed or still training)")
         return run
@@ -135,5 +135,5 @@ def find_run(models_dir: Path, name: str | None = None) -> RunDir:
         return api
     runs = finished_runs(models_dir)
     if not runs:
-        raise RunNotFoundError(f"no trained model yet in {models_dir}: train one first")
+        raise RunNotFoundError("no trained model yet: train one first")
     return runs[-1]

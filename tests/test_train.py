@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from speechclas import architectures, export
-from speechclas.audio import decode_audio, fix_length
+from speechclas.audio import decode_audio, place_in_window
 from speechclas.config import ConfigError, load_config
 from speechclas.features import compute_features, settings_from_config
 from speechclas.rundir import RunDir, RunNotFoundError, find_run
@@ -73,7 +73,7 @@ def test_architecture_trains_two_steps_and_exports_agree(name, toy_data, tmp_pat
     wav_path = sorted((toy_data / "yes").iterdir())[0]
     wav_bytes = wav_path.read_bytes()
     settings = settings_from_config(config)
-    samples = fix_length(decode_audio(wav_bytes, settings.sample_rate).samples, settings.desired_samples)
+    samples = place_in_window(decode_audio(wav_bytes, settings.sample_rate).samples, settings.desired_samples)[0]
     reference = in_memory_probabilities(run, config, samples)
     assert reference.shape == (4,) and abs(reference.sum() - 1) < 1e-5
 
