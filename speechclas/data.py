@@ -220,6 +220,19 @@ def load_clips(
     return out
 
 
+def fill_silence(audio: np.ndarray, silent_rows: np.ndarray, background: np.ndarray, seed: int) -> None:
+    """Give the silence rows of an evaluation set fixed, seeded background noise
+    at a random volume, as training makes its silence (a model never sees
+    digital zeros there, so scoring on them would measure something else)."""
+    if len(background) < audio.shape[1] or not len(silent_rows):
+        return
+    rng = np.random.default_rng(seed)
+    for row in silent_rows:
+        start = rng.integers(0, len(background) - audio.shape[1] + 1)
+        volume = rng.uniform(0.0, 1.0)
+        audio[row] = to_int16(background[start : start + audio.shape[1]] * volume)
+
+
 def load_background(data_dir: Path, files: Sequence[str], sample_rate: int, min_samples: int) -> np.ndarray:
     """All noise files decoded and joined into one float32 array; a random
     window of it is mixed into training clips. Empty when there is none."""

@@ -107,11 +107,14 @@ def prepare_data(config: Config, settings: FeatureSettings, data_dir: Path, spli
         background=data.load_background(data_dir, index.background_files, settings.sample_rate, settings.desired_samples),
     )
     evaluation = {}
-    for split in data.SPLITS:
+    for number, split in enumerate(data.SPLITS):
         paths, labels = data.evaluation_examples(
             index, split, config.silence_percentage, config.unknown_percentage, config.random_seed
         )
-        evaluation[split] = (load(paths), np.array(labels, np.int32))
+        audio = load(paths)
+        silent = np.flatnonzero([path is None for path in paths])
+        data.fill_silence(audio, silent, training.background, seed=config.random_seed + number)
+        evaluation[split] = (audio, np.array(labels, np.int32))
     return PreparedData(index=index, training=training, evaluation=evaluation)
 
 

@@ -277,13 +277,13 @@ def test_evaluation_examples_limits_unknown_to_what_exists_and_allows_zero():
     assert evaluation_examples(index, "validation", 10, 10, seed=1) == ([], [])
 
 
-def test_load_clips_fixes_the_length_and_gives_silence_for_none(tmp_path):
+def test_load_clips_centres_short_clips_and_gives_silence_for_none(tmp_path):
     write_wav(tmp_path / "yes" / "a_nohash_0.wav", samples=100, value=0.5)
     write_wav(tmp_path / "yes" / "b_nohash_0.wav", samples=400, value=-0.25)
     clips = data.load_clips(tmp_path, ["yes/a_nohash_0.wav", None, "yes/b_nohash_0.wav"], RATE, 200)
     assert clips.dtype == np.int16 and clips.shape == (3, 200)
-    np.testing.assert_allclose(clips[0, :100], 0.5 * 32767, atol=2)
-    assert not clips[0, 100:].any() and not clips[1].any()
+    np.testing.assert_allclose(clips[0, 50:150], 0.5 * 32767, atol=2)  # centred, as prediction places it
+    assert not clips[0, :50].any() and not clips[0, 150:].any() and not clips[1].any()
     np.testing.assert_allclose(clips[2], -0.25 * 32767, atol=2)
 
 
@@ -292,3 +292,18 @@ def test_load_clips_names_a_broken_clip(tmp_path):
     (tmp_path / "yes" / "bad_nohash_0.wav").write_bytes(b"this is not a wav file")
     with pytest.raises(DataError, match="yes/bad_nohash_0.wav"):
         data.load_clips(tmp_path, ["yes/bad_nohash_0.wav"], RATE, 200)
+
+
+def test_evaluation_silence_is_fixed_background_noise_not_zeros():
+    from speechclas.data import fill_silence
+
+    background = np.random.default_rng(0).normal(0, 0.1, 50_000).astype(np.float32)
+    audio = np.zeros((4, 16000), np.int16)
+    audio[0] = 1000
+    fill_silence(audio, np.array([1, 3]), background, seed=7)
+    again = np.zeros((4, 16000), np.int16)
+    again[0] = 1000
+    fill_silence(again, np.array([1, 3]), background, seed=7)
+    np.testing.assert_array_equal(audio, again)  # the same for every evaluation
+    assert np.all(audio[0] == 1000) and np.all(audio[2] == 0)  # other rows untouched
+    assert np.abs(audio[1]).max() > 0 and np.abs(audio[3]).max() > 0

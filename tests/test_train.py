@@ -170,7 +170,8 @@ def test_short_training_on_demo_data_beats_chance_as_exported(tmp_path):
             correct += labels[int(np.argmax(probabilities))] == path.split("/")[0]
     accuracy = correct / len(wanted)
     chance = 1 / len(labels)
-    # Measured ~0.6 on a 2-core machine; chance is 1/12 = 0.083. Demand 4x chance.
+    # Measured 0.61 to 0.69 (two seeds) on 36 clips of 3 held-out speakers; chance is 1/12 = 0.083.
+    # Demand 4x chance.
     assert len(wanted) >= 30
     assert accuracy >= 4 * chance, f"exported accuracy {accuracy:.3f} on {len(wanted)} held-out clips"
     metrics = json.loads(run.metrics_path.read_text())
