@@ -17,8 +17,10 @@ import sys
 import wave
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
+import soundfile
 from aiohttp.test_utils import TestClient, TestServer
 
 from speechclas import webserver
@@ -202,6 +204,10 @@ def test_recording_from_the_fake_microphone_sends_pcm_wav(page, trained_run):
     with wave.open(io.BytesIO(sent)) as wav:
         assert (wav.getsampwidth(), wav.getnchannels(), wav.getframerate()) == (2, 1, 16000)
         assert wav.getnframes() > 16000  # about 1.5 s
+        samples = np.frombuffer(wav.readframes(wav.getnframes()), "<i2")
+    # The clip as played, not as a voice call's gain control would have boosted it (clipped to a wall).
+    played_peak = np.abs(soundfile.read(MICROPHONE_CLIP, dtype="int16")[0]).max()
+    assert np.abs(samples).max() <= 1.5 * played_peak
     assert len(shown_bars(page)) == 5
     assert page.get_attribute("#result-run", "data-run") == trained_run.name
     assert "16000 Hz" in page.inner_text("#result-details")

@@ -295,7 +295,10 @@ $("url-form").addEventListener("submit", async (event) => {
 });
 
 async function record(seconds) {
-  const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+  // The browser's voice-call processing (gain control above all) would change the clip the model scores.
+  const stream = await navigator.mediaDevices.getUserMedia({
+    audio: { autoGainControl: false, echoCancellation: false, noiseSuppression: false, channelCount: 1 },
+  });
   try {
     const recorder = new MediaRecorder(stream);
     const chunks = [];
