@@ -8,11 +8,8 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 import zipfile
-from pathlib import Path
 
 import pytest
 import requests
@@ -22,7 +19,8 @@ from speechclas.metrics import classification_metrics
 from speechclas.predict import InputError, PredictorCache
 from speechclas.rundir import RunDir, find_run
 from tests.conftest import DEMO_DATA, demo_clip, make_project_home
-from tests.test_deepaas_process import PREDICT, free_port, wait_until_serving
+from tests.processes import deepaas_command, free_port, running, wait_until_serving
+from tests.test_deepaas_process import PREDICT
 
 WORDS = ("yes", "no", "bed")  # two wanted words and one that is _unknown_
 
@@ -219,21 +217,10 @@ def api_url(tmp_path_factory, trained_run):
     home = make_project_home(tmp_path_factory.mktemp("batch-home"), [trained_run])
     url = f"http://127.0.0.1:{free_port()}"
     log = home / "deepaas.log"
-    command = [str(Path(sys.executable).parent / "deepaas-run"), "--listen-ip", "127.0.0.1",
-               "--listen-port", url.rsplit(":", 1)[1], "--workers", "1"]  # fmt: skip
     env = {**os.environ, "SPEECHCLAS_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    with log.open("w") as output:
-        process = subprocess.Popen(command, env=env, cwd=home, stdout=output, stderr=subprocess.STDOUT)
-    try:
+    with running(deepaas_command(int(url.rsplit(":", 1)[1]), workers=1), env, home, log) as process:
         wait_until_serving(url, process, log)
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def post_archive(api_url: str, name: str, content: bytes) -> requests.Response:

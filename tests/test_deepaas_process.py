@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,11 +19,11 @@ import requests
 
 from tests.conftest import DEMO_DATA, demo_clip, make_project_home
 from tests.http_server import serve_directory
+from tests.processes import deepaas_command, free_port, running, wait_until_serving
 
 MODEL = "/v2/models/speechclas/"
 PREDICT = MODEL + "predict/"
 TRAIN = MODEL + "train/"
-START_TIMEOUT_S = 180
 REQUEST_TIMEOUT_S = 60  # a request that hangs fails the test instead of blocking it
 
 
@@ -36,26 +33,6 @@ class Server:
     home: Path
     tmp: Path
     log: Path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until_serving(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"deepaas-run exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/v2/", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"deepaas-run did not answer within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -72,24 +49,9 @@ def server(tmp_path_factory, trained_run):
         "TMPDIR": str(tmp),  # to see what requests leave behind
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
-    command = [
-        str(Path(sys.executable).parent / "deepaas-run"),
-        "--listen-ip", "127.0.0.1",
-        "--listen-port", url.rsplit(":", 1)[1],
-        "--workers", "2",
-    ]  # fmt: skip
-    with log.open("w") as output:
-        process = subprocess.Popen(command, env=env, cwd=home, stdout=output, stderr=subprocess.STDOUT)
-    try:
+    with running(deepaas_command(int(url.rsplit(":", 1)[1]), workers=2), env, home, log) as process:
         wait_until_serving(url, process, log)
         yield Server(url=url, home=home, tmp=tmp, log=log)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def predict(server: Server, files=None, **fields) -> requests.Response:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import subprocess
 import sys
 import wave
 from pathlib import Path
@@ -26,7 +25,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from speechclas import webserver
 from tests.conftest import REPO, demo_clip, make_project_home
 from tests.http_server import serve_directory
-from tests.test_deepaas_process import PREDICT, free_port, wait_until_serving
+from tests.processes import deepaas_command, free_port, running, wait_until_serving
+from tests.test_deepaas_process import PREDICT
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = REPO / "test-artifacts"
@@ -58,20 +58,6 @@ async def test_an_absent_deepaas_is_a_502_that_says_what_to_start():
 # --- real servers and a real browser ---------------------------------------------------------
 
 
-def _start(command: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:
-    with log.open("w") as output:
-        return subprocess.Popen(command, env=env, cwd=cwd, stdout=output, stderr=subprocess.STDOUT)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory, trained_run):
     """deepaas-run with the tiny run, and speechclas-web in front of it; yields both base URLs."""
@@ -81,17 +67,12 @@ def site(tmp_path_factory, trained_run):
     api_port, web_port = free_port(), free_port()
     api_url, web_url = f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{web_port}"
     deepaas_log, web_log = home / "deepaas.log", home / "web.log"
-    deepaas = _start([str(Path(sys.executable).parent / "deepaas-run"), "--listen-ip", "127.0.0.1",
-                      "--listen-port", str(api_port), "--workers", "1"], env, home, deepaas_log)  # fmt: skip
-    web = _start([sys.executable, "-m", "speechclas.webserver", "--port", str(web_port), "--api-url", api_url],
-                 env, home, web_log)  # fmt: skip
-    try:
+    web_command = [sys.executable, "-m", "speechclas.webserver", "--port", str(web_port), "--api-url", api_url]
+    with running(deepaas_command(api_port, workers=1), env, home, deepaas_log) as deepaas, \
+            running(web_command, env, home, web_log) as web:
         wait_until_serving(api_url, deepaas, deepaas_log)
         wait_until_serving(web_url, web, web_log)  # /v2/ through the forwarder
         yield api_url, web_url
-    finally:
-        _stop(web)
-        _stop(deepaas)
 
 
 @pytest.fixture(scope="module")
