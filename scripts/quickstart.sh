@@ -12,7 +12,7 @@ PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 HOST="${HOST:-0.0.0.0}"
 PORT="${PORT:-5000}"
-QUICKSTART_TRAIN="${QUICKSTART_TRAIN-model_architecture=ds_cnn how_many_training_steps=600,200 learning_rate=0.002,0.0002}"
+QUICKSTART_TRAIN="${QUICKSTART_TRAIN-model_architecture=ds_cnn how_many_training_steps=600,200 learning_rate=0.001,0.0001}"
 
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"

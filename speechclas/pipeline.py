@@ -119,7 +119,9 @@ def training_dataset(
 def evaluation_dataset(
     audio_int16: np.ndarray, labels: np.ndarray, feature_settings: FeatureSettings, batch_size: int
 ) -> tf.data.Dataset:
-    """One pass over fixed clips, features only: no augmentation."""
+    """One pass over fixed clips, features only: no augmentation. The features
+    never change, so they are computed on the first pass and cached (16 KB a
+    clip), and every later evaluation only runs the model."""
 
     def make_batch(audio, batch_labels):
         return compute_features(_to_float(audio), feature_settings), batch_labels
@@ -128,5 +130,6 @@ def evaluation_dataset(
         tf.data.Dataset.from_tensor_slices((audio_int16, labels.astype(np.int32)))
         .batch(batch_size)
         .map(make_batch, num_parallel_calls=tf.data.AUTOTUNE)
+        .cache()
         .prefetch(tf.data.AUTOTUNE)
     )

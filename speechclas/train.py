@@ -221,6 +221,11 @@ def restore_model(run: RunDir, config: Config):
     return model
 
 
+def _matrix_text(matrix) -> str:
+    """The whole matrix, however many classes (numpy elides large ones)."""
+    return np.array2string(np.asarray(matrix), threshold=np.inf, max_line_width=10_000)
+
+
 class _RunLogFile:
     """Copies the package's log records into the run's logs/ while it trains."""
 
@@ -342,7 +347,7 @@ def _train_in_run(config, settings, prepared, run, start_checkpoint, progress, c
                 np.mean(window_loss), validation["accuracy"], len(truth),
             )
             logger.info("Validation confusion matrix (rows truth, columns predicted, %s):\n%s",
-                        labels, np.array(validation["confusion_matrix"]))
+                        labels, _matrix_text(validation["confusion_matrix"]))
             window_loss, window_accuracy, window_started = [], [], time.monotonic()
         if done % config.save_step_interval == 0:
             manager.save(checkpoint_number=done)
@@ -357,7 +362,7 @@ def _train_in_run(config, settings, prepared, run, start_checkpoint, progress, c
         results[split] = metrics.classification_metrics(truth, logits.argmax(-1), labels)
     logger.info("Final accuracy: training %.3f, validation %.3f, testing %.3f",
                 results["training"]["accuracy"], results["validation"]["accuracy"], results["testing"]["accuracy"])
-    logger.info("Test confusion matrix (%s):\n%s", labels, np.array(results["testing"]["confusion_matrix"]))
+    logger.info("Test confusion matrix (%s):\n%s", labels, _matrix_text(results["testing"]["confusion_matrix"]))
 
     exports = export.export_all(export.InferenceModule(model, settings), run.ckpts)
     run_metrics = {
