@@ -140,8 +140,7 @@ def _served_model() -> dict[str, Any] | None:
     """Run, labels and audio settings of the model served by default (read from disk)."""
     try:
         run = find_run(_state.models_dir())
-        model_settings = json.loads(run.conf_path.read_text()).get("model_settings", {})
-        return {"run": run.name, "labels": run.labels(), "settings": model_settings}
+        return {"run": run.name, "labels": run.labels(), "settings": run.configuration().get("model_settings", {})}
     except RunNotFoundError:
         return None
     except (OSError, ValueError) as exc:

@@ -129,8 +129,7 @@ def default_data_dir(run: RunDir) -> Path:
     """The data folder the run was trained on (its conf.json), where its split lists point."""
     from speechclas.config import project_dir
 
-    conf = json.loads(run.conf_path.read_text())
-    data_dir = Path(conf.get("general", conf)["data_dir"])
+    data_dir = Path(run.settings()["data_dir"])
     return data_dir if data_dir.is_absolute() else project_dir() / data_dir
 
 

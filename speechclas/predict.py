@@ -3,8 +3,8 @@
 A `Predictor` holds one run's SavedModel (its ``audio`` signature, which has
 the feature extraction inside), its labels and its window size. Audio is
 decoded by `speechclas.audio` exactly as in training; a clip longer than the
-window is scored on its loudest window and a shorter one is padded, and the
-answer says which happened. `predict_request` is the one prediction that the
+window is scored on its loudest window and a shorter one is centred, as
+training places its clips, and the answer says which happened. `predict_request` is the one prediction that the
 DEEPaaS API and ``speechclas-predict`` both answer.
 
 TensorFlow is imported only when a model is loaded, so DEEPaaS's main process,
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
 import os
 import tempfile
@@ -34,7 +33,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_TOP_K = 5
 DEFAULT_MAX_AUDIO_BYTES = 16 * 1024 * 1024
 MAX_AUDIO_BYTES_ENV = "SPEECHCLAS_MAX_AUDIO_BYTES"
-# Where the sound of a window starts: the first frame this far from the noise floor to the peak.
 URL_CONNECT_TIMEOUT_S = 5.0
 URL_READ_TIMEOUT_S = 30.0
 # conf.json keys that fix what the exported model expects as input.
@@ -86,16 +84,15 @@ def choose_window(samples: np.ndarray, window_samples: int, sample_rate: int):
 
 def run_sample_rate(run: RunDir) -> int:
     """The rate a run's model works at, from its conf.json (no model loading)."""
-    conf = json.loads(run.conf_path.read_text())
-    return int(conf.get("model_settings", conf)["sample_rate"])
+    return int(run.settings()["sample_rate"])
 
 
-def feature_sizes(conf: dict[str, Any]):
-    """`FeatureSettings` of a run from its conf.json (grouped as written by training)."""
+def feature_sizes(run: RunDir):
+    """`FeatureSettings` of a run, from its conf.json."""
     from speechclas.features import feature_settings  # imports TensorFlow
 
-    model_settings = conf.get("model_settings", conf)
-    return feature_settings(**{key: model_settings[key] for key in _FEATURE_KEYS})
+    settings = run.settings()
+    return feature_settings(**{key: settings[key] for key in _FEATURE_KEYS})
 
 
 class Predictor:
@@ -113,7 +110,7 @@ class Predictor:
 
         from speechclas.export import AUDIO_SIGNATURE
 
-        settings = feature_sizes(json.loads(run.conf_path.read_text()))
+        settings = feature_sizes(run)
         labels = run.labels()
         signature = tf.saved_model.load(str(run.saved_model_dir)).signatures[AUDIO_SIGNATURE]
         predictor = cls(run, labels, settings, signature)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import re
 from pathlib import Path
+from typing import Any
 
 TIMESTAMP_FORMAT = "%Y-%m-%d_%H%M%S"
 DONE_MARKER = "DONE"
@@ -83,6 +85,14 @@ class RunDir:
 
     def is_finished(self) -> bool:
         return self.done_path.is_file()
+
+    def configuration(self) -> dict[str, dict[str, Any]]:
+        """conf.json as training wrote it: grouped as in config.yaml."""
+        return json.loads(self.conf_path.read_text())
+
+    def settings(self) -> dict[str, Any]:
+        """Every parameter of the run's configuration, whatever its group."""
+        return {name: value for group in self.configuration().values() for name, value in group.items()}
 
     def labels(self) -> list[str]:
         return [line for line in self.labels_path.read_text().splitlines() if line]
