@@ -1,16 +1,20 @@
-"""Write the README's configuration table from etc/config.yaml.
+"""Write the README's two generated tables: training parameters and operator settings.
 
-`python scripts/config_table.py` rewrites the part of README.md between the
-config-table markers; tests/test_config.py checks the two agree.
+`python scripts/config_table.py` rewrites the parts of README.md between the
+config-table markers (from etc/config.yaml) and the operator-table markers
+(from speechclas.limits.SETTINGS); tests check that README agrees with both.
 """
 
 import argparse
 from pathlib import Path
 
 from speechclas.config import load_param_specs
+from speechclas.limits import SETTINGS
 
 BEGIN = "<!-- config-table:begin -->"
 END = "<!-- config-table:end -->"
+OPERATOR_BEGIN = "<!-- operator-table:begin -->"
+OPERATOR_END = "<!-- operator-table:end -->"
 
 
 def _format_value(value) -> str:
@@ -37,13 +41,27 @@ def config_table(config_path: Path | None = None) -> str:
     return "\n".join(rows)
 
 
+def operator_table() -> str:
+    rows = ["| environment variable | default | what it bounds |", "|---|---|---|"]
+    for setting in SETTINGS:
+        default = _format_value(setting.default)
+        bounds = setting.bounds.replace("|", "\\|")
+        rows.append(f"| `{setting.env}` | `{default}` | {bounds} |")
+    return "\n".join(rows)
+
+
+def replace_between(text: str, begin: str, end: str, table: str) -> str:
+    start, stop = text.index(begin) + len(begin), text.index(end)
+    return text[:start] + "\n" + table + "\n" + text[stop:]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--readme", type=Path, default=Path(__file__).resolve().parents[1] / "README.md")
     args = parser.parse_args()
-    text = args.readme.read_text()
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    args.readme.write_text(text[:start] + "\n" + config_table() + "\n" + text[end:])
+    text = replace_between(args.readme.read_text(), BEGIN, END, config_table())
+    text = replace_between(text, OPERATOR_BEGIN, OPERATOR_END, operator_table())
+    args.readme.write_text(text)
 
 
 if __name__ == "__main__":
