@@ -46,6 +46,7 @@ from speechclas.config import (
     load_param_specs,
 )
 from speechclas.fetch import FetchError, env_allows_private
+from speechclas.limits import Limits
 from speechclas.predict import (
     DEFAULT_TOP_K,
     InputError,
@@ -307,6 +308,7 @@ def predict(**args) -> dict[str, Any]:
                     archive_name=upload.original_filename,
                     run=args.get("run"),
                     top_k=args.get("top_k", DEFAULT_TOP_K),
+                    max_files=Limits.from_env().max_archive_members,
                 )
                 return {"status": "ok", **result}
             result = predict_request(

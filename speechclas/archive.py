@@ -51,6 +51,10 @@ class ArchiveError(ValueError):
     """An archive that cannot or may not be unpacked; the message says which and why."""
 
 
+class TooManyFiles(ArchiveError):
+    """An archive holding more regular files than its caller's ``max_files``."""
+
+
 def _format_name(name: str) -> str | None:
     """The archive format a file name promises, for error messages."""
     lower = name.lower()
@@ -110,10 +114,11 @@ def _check_inside(root: Path, relative: PurePosixPath, name: str, archive_name: 
 class _Budget:
     """Counts members and bytes against the caps, raising once one is exceeded."""
 
-    def __init__(self, archive_name: str, max_total_bytes: int, max_members: int):
+    def __init__(self, archive_name: str, max_total_bytes: int, max_members: int, max_files: int | None = None):
         self.archive_name = archive_name
         self.max_total_bytes = max_total_bytes
         self.max_members = max_members
+        self.max_files = max_files
         self.members = 0
         self.bytes = 0
         self.files = 0
@@ -123,6 +128,13 @@ class _Budget:
         if self.members > self.max_members:
             raise ArchiveError(
                 f"{self.archive_name} has more than {self.max_members} members; refusing to unpack"
+            )
+
+    def add_file(self) -> None:
+        self.files += 1
+        if self.max_files is not None and self.files > self.max_files:
+            raise TooManyFiles(
+                f"{self.archive_name} holds more than {self.max_files} files; refusing to unpack"
             )
 
     def add_bytes(self, size: int) -> None:
@@ -164,7 +176,7 @@ def _plan_tar(tar: tarfile.TarFile, staging: Path, budget: _Budget) -> list[tarf
             continue
         _check_inside(staging, relative, member.name, name)
         if member.isreg():
-            budget.files += 1
+            budget.add_file()
             budget.add_bytes(member.size)
         planned.append(member)
     return planned
@@ -207,7 +219,7 @@ def _plan_zip(
             continue
         _check_inside(staging, relative, info.filename, name)
         if not info.is_dir():
-            budget.files += 1
+            budget.add_file()
             budget.add_bytes(info.file_size)
         planned.append((info, relative))
     return planned
@@ -284,12 +296,14 @@ def extract_archive(
     *,
     max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
     max_members: int = DEFAULT_MAX_MEMBERS,
+    max_files: int | None = None,
 ) -> list[Path]:
     """Unpack ``archive`` into ``target_dir`` and return the regular files written there.
 
     The format is detected from the content. Absolute or ``..`` member paths,
-    links of any kind, device files, more than ``max_members`` members or more
-    than ``max_total_bytes`` uncompressed are refused with ArchiveError before
+    links of any kind, device files, more than ``max_members`` members, more
+    than ``max_files`` regular files (TooManyFiles) or more than
+    ``max_total_bytes`` uncompressed are refused with ArchiveError before
     anything reaches ``target_dir``, as are damaged, empty or unknown archives
     and members that would overwrite existing files.
     """
@@ -297,7 +311,7 @@ def extract_archive(
     if not archive.is_file():
         raise ArchiveError(f"{archive} does not exist or is not a file")
     kind = _detect(archive)
-    budget = _Budget(archive.name, max_total_bytes, max_members)
+    budget = _Budget(archive.name, max_total_bytes, max_members, max_files)
     parent = target_dir.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     # A sibling of target_dir: same file system, so moving the result is a rename.

@@ -8,9 +8,10 @@ clip with one loaded `Predictor` and writes
 - ``models/<run>/stats/<name>_metrics.json`` and ``<name>_confusion_matrix.png``:
   the same metrics training reports, computed from those predictions,
 
-so a notebook can show them later. A file that cannot be decoded is reported
-in its own entry and the batch goes on. The API's predict answers an uploaded
-``.zip``/``.tar.gz`` of clips the same way, per file, without writing anything.
+so a notebook can show them later. A file that cannot be scored, whatever
+the reason, is reported in its own entry and the batch goes on. The API's
+predict answers an uploaded ``.zip``/``.tar.gz`` of clips the same way, per
+file, without writing anything; archives inside it are not unpacked.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import math
 import re
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -27,20 +29,24 @@ from typing import Any
 
 from tqdm import tqdm
 
-from speechclas.archive import ArchiveError, _dataset_root, extract_archive
+from speechclas.archive import ArchiveError, TooManyFiles, _dataset_root, extract_archive
 from speechclas.audio import AudioError, decode_audio
 from speechclas.data import AUDIO_SUFFIXES, BACKGROUND_NOISE_DIR, UNKNOWN_LABEL
+from speechclas.limits import setting
 from speechclas.predict import DEFAULT_TOP_K, InputError, Predictor, PredictorCache
 from speechclas.rundir import RunDir, find_run
 
 logger = logging.getLogger(__name__)
 
 # An uploaded archive is unpacked in the request: keep it small enough for one request.
-MAX_ARCHIVE_FILES = 1000
+# Its number of files is an operator setting (Limits.max_archive_members).
 MAX_ARCHIVE_UNPACKED_BYTES = 256 * 1024 * 1024
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
 _IGNORED = re.compile(r"^(\..*|__MACOSX)$")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+# Members of an uploaded archive that are archives themselves: reported, never unpacked.
+NESTED_ARCHIVE_SUFFIXES = (*ARCHIVE_SUFFIXES, ".tar.bz2", ".tar.xz", ".gz", ".bz2", ".xz", ".7z", ".rar")
+NESTED_ARCHIVE_ERROR = "not audio (nested archives are not unpacked)"
 
 
 class ArchiveRefused(InputError):
@@ -54,6 +60,7 @@ class BatchItem:
     path: Path
     name: str  # relative, with forward slashes, as reported
     word: str | None  # the folder it came from; None when the clip is not in a label folder
+    error: str | None = None  # known before scoring: reported as is, the file is not read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +84,12 @@ def _is_hidden(relative: PurePosixPath) -> bool:
     return any(_IGNORED.match(part) for part in relative.parts)
 
 
-def items_from_folder(folder: Path) -> list[BatchItem]:
+def items_from_folder(folder: Path, nested_archives: bool = False) -> list[BatchItem]:
     """Every audio file under `folder`; a clip in a sub-folder is labelled by that folder's name.
 
     ``_background_noise_`` and hidden or ``__MACOSX`` entries are skipped: they are not clips.
+    With `nested_archives`, archives (.zip, .tar.gz...) are listed too, with an error entry:
+    an uploaded archive's member that is an archive is reported, not unpacked.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -88,12 +97,14 @@ def items_from_folder(folder: Path) -> list[BatchItem]:
     items = []
     for path in sorted(folder.rglob("*")):
         relative = PurePosixPath(path.relative_to(folder).as_posix())
-        if not path.is_file() or path.suffix.lower() not in AUDIO_SUFFIXES or _is_hidden(relative):
+        if not path.is_file() or _is_hidden(relative) or BACKGROUND_NOISE_DIR in relative.parts:
             continue
-        if BACKGROUND_NOISE_DIR in relative.parts:
+        is_archive = nested_archives and path.name.lower().endswith(NESTED_ARCHIVE_SUFFIXES)
+        if path.suffix.lower() not in AUDIO_SUFFIXES and not is_archive:
             continue
         word = relative.parts[-2] if len(relative.parts) > 1 else None
-        items.append(BatchItem(path=path, name=str(relative), word=word))
+        items.append(BatchItem(path=path, name=str(relative), word=word,
+                               error=NESTED_ARCHIVE_ERROR if is_archive else None))
     return items
 
 
@@ -146,21 +157,38 @@ def true_label(word: str | None, labels: Sequence[str]) -> str | None:
 def predict_items(
     predictor: Predictor, items: Iterable[BatchItem], top_k: int = DEFAULT_TOP_K, progress: bool = True
 ) -> list[dict[str, Any]]:
-    """Score each clip; a clip that cannot be decoded gets an ``error`` entry instead of stopping the batch."""
+    """Score each clip. Whatever goes wrong with one clip (not audio, unreadable, a TensorFlow
+    error, scores that are not numbers) becomes that clip's ``error`` entry; the batch goes on."""
     items = list(items)
     records = []
     for item in tqdm(items, desc="Predicting", unit="clip", disable=not progress):
         record: dict[str, Any] = {"file": item.name, "label": true_label(item.word, predictor.labels)}
         try:
-            audio = decode_audio(item.path, predictor.settings.sample_rate, name=f"the file {item.name!r}")
-        except AudioError as exc:
-            logger.warning("Skipped %s: %s", item.name, exc)
-            records.append({**record, "error": str(exc)})
-            continue
-        answer = predictor.predict(audio, top_k)
-        answer.pop("run")
-        records.append({**record, **answer})
+            records.append({**record, **_score(predictor, item, top_k)})
+        except Exception as exc:  # one clip's failure, whatever it is, must not fail the others
+            if isinstance(exc, (AudioError, _NotScored)):
+                logger.warning("Skipped %s: %s", item.name, exc)
+                message = str(exc)
+            else:
+                logger.warning("Skipped %s", item.name, exc_info=True)
+                message = f"the file {item.name!r} could not be scored ({type(exc).__name__}): {exc}"
+            records.append({**record, "error": message})
     return records
+
+
+class _NotScored(ValueError):
+    """A clip that decoded but whose answer cannot be given (reported as its error)."""
+
+
+def _score(predictor: Predictor, item: BatchItem, top_k: int) -> dict[str, Any]:
+    if item.error is not None:
+        raise _NotScored(item.error)
+    audio = decode_audio(item.path, predictor.settings.sample_rate, name=f"the file {item.name!r}")
+    answer = predictor.predict(audio, top_k)
+    answer.pop("run")
+    if not all(math.isfinite(p["probability"]) for p in answer["predictions"]):
+        raise _NotScored(f"the model's scores for the file {item.name!r} are not finite numbers")
+    return answer
 
 
 def batch_statistics(records: Sequence[dict[str, Any]], labels: Sequence[str]) -> dict[str, Any]:
@@ -283,11 +311,16 @@ def predict_archive(
     archive_name: str | None = None,
     run: str | None = None,
     top_k: int = DEFAULT_TOP_K,
-    max_files: int = MAX_ARCHIVE_FILES,
+    max_files: int,
     max_unpacked_bytes: int = MAX_ARCHIVE_UNPACKED_BYTES,
 ) -> dict[str, Any]:
     """Per-file top-k of the clips in an uploaded archive, unpacked safely into a temp folder
-    that is always removed; statistics too when the clips sit in label folders."""
+    that is always removed; statistics too when the clips sit in label folders.
+
+    `max_files` is the operator's cap (``SPEECHCLAS_MAX_ARCHIVE_MEMBERS``), checked on the
+    archive's headers before anything is unpacked. Archives inside the archive are listed
+    with an error, not unpacked.
+    """
     run_dir = find_run(models_dir, run)
     archive_name = archive_name or Path(archive).name
     with tempfile.TemporaryDirectory(prefix="speechclas-batch-") as tmp:
@@ -295,16 +328,19 @@ def predict_archive(
         named = Path(tmp) / (_SAFE_NAME.sub("_", Path(archive_name).name).strip(".") or "upload")
         named.symlink_to(Path(archive).resolve())
         try:
+            # Folders count as members too: allow as many as files, and a few more.
             extract_archive(named, Path(tmp) / "clips", max_total_bytes=max_unpacked_bytes,
-                            max_members=2 * max_files + 16)
+                            max_members=2 * max_files + 16, max_files=max_files)
+        except TooManyFiles as exc:
+            raise ArchiveRefused(
+                f"the archive was refused: {exc} (the operator's limit {setting('max_archive_members').env})"
+            ) from None
         except ArchiveError as exc:
             raise ArchiveRefused(f"the archive was refused: {exc}") from None
         # As for dataset archives, one wrapping top folder is not a label folder.
-        items = items_from_folder(_dataset_root(Path(tmp) / "clips"))
+        items = items_from_folder(_dataset_root(Path(tmp) / "clips"), nested_archives=True)
         if not items:
             raise ArchiveRefused(f"{archive_name} holds no audio files ({', '.join(AUDIO_SUFFIXES)})")
-        if len(items) > max_files:
-            raise ArchiveRefused(f"{archive_name} holds {len(items)} clips; at most {max_files} are accepted")
         predictor = predictors.get(run_dir)
         records = predict_items(predictor, items, top_k, progress=False)
     stats = batch_statistics(records, predictor.labels)

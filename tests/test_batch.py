@@ -23,6 +23,7 @@ from tests.processes import deepaas_command, free_port, running, wait_until_serv
 from tests.test_deepaas_process import PREDICT
 
 WORDS = ("yes", "no", "bed")  # two wanted words and one that is _unknown_
+MAX_FILES = 1000
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,7 @@ def labelled_clips() -> dict[str, bytes]:
 def test_an_archive_is_predicted_per_file(models_dir, predictors, tmp_path, pack, trained_run):
     upload = tmp_path / "upload"
     upload.write_bytes(pack(labelled_clips()))
-    answer = batch.predict_archive(predictors, models_dir, upload, archive_name="clips.bin")
+    answer = batch.predict_archive(predictors, models_dir, upload, archive_name="clips.bin", max_files=MAX_FILES)
     assert answer["run"] == trained_run.name
     by_file = {f["file"]: f for f in answer["files"]}
     assert set(by_file) == {name.removeprefix("clips/") for name in labelled_clips()}
@@ -186,14 +187,114 @@ def test_archive_limits_and_traversal_are_refused(models_dir, predictors, tmp_pa
     upload = tmp_path / "upload"
     upload.write_bytes(zip_of({"../escape.wav": demo_clip().read_bytes()}))
     with pytest.raises(batch.ArchiveRefused, match="'..'"):
-        batch.predict_archive(predictors, models_dir, upload, archive_name="evil.zip")
+        batch.predict_archive(predictors, models_dir, upload, archive_name="evil.zip", max_files=MAX_FILES)
     upload.write_bytes(zip_of({f"yes/{i}.wav": demo_clip().read_bytes() for i in range(4)}))
-    with pytest.raises(batch.ArchiveRefused, match="at most 3"):
+    with pytest.raises(batch.ArchiveRefused, match="more than 3 files.*SPEECHCLAS_MAX_ARCHIVE_MEMBERS"):
         batch.predict_archive(predictors, models_dir, upload, archive_name="many.zip", max_files=3)
     upload.write_bytes(zip_of({"notes.txt": b"no clips here"}))
     with pytest.raises(batch.ArchiveRefused, match="holds no audio files"):
-        batch.predict_archive(predictors, models_dir, upload, archive_name="notes.zip")
+        batch.predict_archive(predictors, models_dir, upload, archive_name="notes.zip", max_files=MAX_FILES)
     assert list(tmp_path.iterdir()) == [upload]  # nothing unpacked next to the upload
+
+
+@pytest.mark.parametrize("pack", [zip_of, tar_gz_of], ids=["zip", "tar.gz"])
+def test_archives_inside_an_archive_are_reported_per_member_not_unpacked(models_dir, predictors, tmp_path, pack):
+    inner = {"yes/hidden.wav": demo_clip("yes").read_bytes()}
+    upload = tmp_path / "upload"
+    upload.write_bytes(pack({
+        f"yes/{demo_clip('yes').name}": demo_clip("yes").read_bytes(),
+        "yes/inner.zip": zip_of(inner),
+        "no/inner.tar.gz": tar_gz_of(inner),
+        "loose.tgz": tar_gz_of(inner),
+    }))  # fmt: skip
+    answer = batch.predict_archive(predictors, models_dir, upload, archive_name="outer", max_files=MAX_FILES)
+    by_file = {f["file"]: f for f in answer["files"]}
+    assert set(by_file) == {f"yes/{demo_clip('yes').name}", "yes/inner.zip", "no/inner.tar.gz", "loose.tgz"}
+    for name in ("yes/inner.zip", "no/inner.tar.gz", "loose.tgz"):
+        assert by_file[name]["error"] == batch.NESTED_ARCHIVE_ERROR and "predictions" not in by_file[name]
+    assert len(by_file[f"yes/{demo_clip('yes').name}"]["predictions"]) == 5
+    assert answer["summary"] == {"files": 4, "failed": 3, "unlabelled": 0}
+    assert api.schema().load({"status": "ok", **answer})
+
+
+class FailingPredictor:
+    """The real predictor, except that its `fail_on`-th prediction raises `error`: what a
+    TensorFlow or I/O failure in the middle of a batch looks like to the batch."""
+
+    def __init__(self, predictor, error: Exception, fail_on: int = 2):
+        self.predictor, self.error, self.fail_on, self.calls = predictor, error, fail_on, 0
+
+    def __getattr__(self, name):
+        return getattr(self.predictor, name)
+
+    def predict(self, audio, top_k):
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise self.error
+        return self.predictor.predict(audio, top_k)
+
+
+class OneRun:
+    """A PredictorCache that answers one given predictor."""
+
+    def __init__(self, predictor):
+        self.predictor = predictor
+
+    def get(self, run):
+        return self.predictor
+
+
+def member_errors():
+    import tensorflow as tf
+
+    return [
+        OSError(5, "Input/output error"),
+        ValueError("shapes do not match"),
+        tf.errors.InvalidArgumentError(None, None, "Input to reshape is a tensor with 0 values"),
+        MemoryError(),
+    ]
+
+
+@pytest.mark.parametrize("error", member_errors(), ids=lambda e: type(e).__name__)
+def test_any_failure_of_one_member_is_reported_against_that_member(models_dir, predictors, tmp_path, error):
+    failing = OneRun(FailingPredictor(predictors.get(find_run(models_dir)), error))
+    upload = tmp_path / "upload"
+    upload.write_bytes(zip_of(labelled_clips()))
+    answer = batch.predict_archive(failing, models_dir, upload, archive_name="clips.zip", max_files=MAX_FILES)
+    errors = {f["file"]: f["error"] for f in answer["files"] if "error" in f}
+    # Sorted members: bed/..., no/broken.wav (not audio, never reaches the model), no/<clip>, yes/<clip>.
+    assert set(errors) == {"no/broken.wav", f"no/{demo_clip('no').name}"}
+    assert type(error).__name__ in errors[f"no/{demo_clip('no').name}"]
+    assert answer["summary"] == {"files": 4, "failed": 2, "unlabelled": 0}
+    assert api.schema().load({"status": "ok", **answer})
+
+    failing.predictor.calls = 0
+    result = batch.run_batch(models_dir, DEMO_DATA / "yes", name="failing", progress=False, predictors=failing)
+    assert result.summary["failed"] == 1 and result.summary["files"] == len(list((DEMO_DATA / "yes").glob("*.wav")))
+
+
+class NaNPredictor(FailingPredictor):
+    """The real predictor, except that its `fail_on`-th answer holds NaN scores (what extreme
+    float samples can make of a model's softmax)."""
+
+    def predict(self, audio, top_k):
+        answer = self.predictor.predict(audio, top_k)
+        self.calls += 1
+        if self.calls == self.fail_on:
+            answer["predictions"] = [{**p, "probability": float("nan")} for p in answer["predictions"]]
+        return answer
+
+
+def test_a_member_whose_scores_are_not_numbers_is_reported_not_answered(models_dir, predictors, tmp_path):
+    nan = OneRun(NaNPredictor(predictors.get(find_run(models_dir)), error=None, fail_on=1))
+    upload = tmp_path / "upload"
+    upload.write_bytes(zip_of(labelled_clips()))
+    answer = batch.predict_archive(nan, models_dir, upload, archive_name="clips.zip", max_files=MAX_FILES)
+    errors = {f["file"]: f["error"] for f in answer["files"] if "error" in f}
+    assert set(errors) == {"no/broken.wav", f"bed/{demo_clip('bed').name}"}  # bed/ is scored first
+    assert "not finite numbers" in errors[f"bed/{demo_clip('bed').name}"]
+    assert answer["summary"] == {"files": 4, "failed": 2, "unlabelled": 0}
+    assert api.schema().load({"status": "ok", **answer})  # what DEEPaaS validates: no NaN may reach it
 
 
 def test_archives_are_told_from_clips(tmp_path):
@@ -256,3 +357,20 @@ def test_the_api_refuses_a_bad_archive_with_a_400(api_url, name, content, messag
     response = post_archive(api_url, name, content)
     assert response.status_code == 400, response.text
     assert message in response.json()["message"]
+
+
+def test_the_api_refuses_an_archive_of_60000_files_from_its_headers(api_url):
+    many = zip_of({f"yes/{i:05d}.wav": b"" for i in range(60_000)})
+    response = post_archive(api_url, "many.zip", many)
+    assert response.status_code == 400, response.text
+    message = response.json()["message"]
+    assert "more than 10000 files" in message and "SPEECHCLAS_MAX_ARCHIVE_MEMBERS" in message
+
+
+def test_the_api_answers_nested_archives_per_member(api_url):
+    response = post_archive(api_url, "outer.zip", zip_of({"yes/a.wav": demo_clip("yes").read_bytes(),
+                                                          "inner.zip": zip_of(labelled_clips())}))
+    assert response.status_code == 200, response.text
+    by_file = {f["file"]: f for f in response.json()["files"]}
+    assert by_file["inner.zip"]["error"] == batch.NESTED_ARCHIVE_ERROR
+    assert len(by_file["yes/a.wav"]["predictions"]) == 5
