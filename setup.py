@@ -33,6 +33,7 @@ setup(
             "speechclas-train=speechclas.cli:train_main",
             "speechclas-predict=speechclas.cli:predict_main",
             "speechclas-web=speechclas.webserver:main",
+            "speechclas-serve=speechclas.serve:main",
         ],
         "deepaas.v2.model": ["speechclas=speechclas.api"],
     },

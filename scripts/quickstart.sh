@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on a fresh clone: install, train on the shipped demo dataset,
-# then serve that model through DEEPaaS (Swagger UI on http://127.0.0.1:5000/ui).
+# then serve that model through DEEPaaS (speechclas-serve; Swagger UI on http://127.0.0.1:5000/ui).
 #
 # Training parameters default to etc/config.yaml; QUICKSTART_TRAIN overrides
 # them (key=value words). The default below is a CPU-friendly run of a few
@@ -24,4 +24,5 @@ export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 # shellcheck disable=SC2086  # the overrides are meant to split into words
 "$VENV/bin/speechclas-train" data_dir=data/demo $QUICKSTART_TRAIN
 
-exec "$VENV/bin/deepaas-run" --listen-ip "$HOST" --listen-port "$PORT"
+# deepaas-run with the request body limit derived from SPEECHCLAS_MAX_AUDIO_BYTES.
+exec "$VENV/bin/speechclas-serve" --listen-ip "$HOST" --listen-port "$PORT"
