@@ -9,7 +9,10 @@ demo clip. Screenshots land in test-artifacts/.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import dataclasses
 import io
 import os
 import sys
@@ -20,6 +23,7 @@ import numpy as np
 import pytest
 import requests
 import soundfile
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from speechclas import webserver
@@ -53,6 +57,194 @@ async def test_an_absent_deepaas_is_a_502_that_says_what_to_start():
         response = await client.get("/v2/models/speechclas/")
         assert response.status == 502
         assert "deepaas-run" in (await response.json())["message"]
+
+
+# --- what the forwarder lets through: a fake DEEPaaS behind it, raw HTTP in front ----------------
+
+
+@dataclasses.dataclass
+class Seen:
+    method: str
+    raw_path: str
+    body: bytes
+    headers: dict
+
+
+@dataclasses.dataclass
+class Answer:
+    status: int
+    body: bytes
+
+    def json(self):
+        import json
+
+        return json.loads(self.body)
+
+
+@contextlib.asynccontextmanager
+async def forwarder(**options):
+    """speechclas-web in front of a fake DEEPaaS that records what reaches it; yields (port, seen)."""
+    seen: list[Seen] = []
+
+    async def record(request: web.Request) -> web.Response:
+        body = await request.read()
+        seen.append(Seen(request.method, request.raw_path, body, dict(request.headers)))
+        return web.json_response({"status": "ok", "bytes": len(body)})
+
+    upstream_app = web.Application(client_max_size=2**30)
+    upstream_app.router.add_route("*", "/{tail:.*}", record)
+    async with TestServer(upstream_app) as upstream, \
+            TestServer(webserver.make_app(str(upstream.make_url("")), **options)) as front:  # fmt: skip
+        yield front.port, seen
+
+
+async def send(port: int, method: str, target: str, headers: dict | None = None, body: bytes = b"",
+               chunked: bool = False) -> Answer:  # fmt: skip
+    """One HTTP/1.1 request written byte for byte (no client library to normalise its path)."""
+    headers = {"Host": f"127.0.0.1:{port}", "Connection": "close", **(headers or {})}
+    if chunked:
+        headers["Transfer-Encoding"] = "chunked"
+        payload = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 4096]), body[i:i + 4096])
+                           for i in range(0, len(body), 4096)) + b"0\r\n\r\n"  # fmt: skip
+    else:
+        headers["Content-Length"] = str(len(body))
+        payload = body
+    head = f"{method} {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items() if v is not None)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head.encode("latin-1") + b"\r\n")
+        with contextlib.suppress(ConnectionError):  # the server may answer (413) before reading it all
+            writer.write(payload)
+            await writer.drain()
+        response = await asyncio.wait_for(reader.read(), timeout=30)
+    finally:
+        writer.close()
+    status_line, _, rest = response.partition(b"\r\n")
+    body = rest.partition(b"\r\n\r\n")[2]
+    return Answer(int(status_line.split()[1]), body)
+
+
+def own_origin(port: int) -> dict:
+    return {"Origin": f"http://127.0.0.1:{port}"}
+
+
+PREDICT_PATH = "/v2/models/speechclas/predict/"
+
+
+@pytest.mark.asyncio
+async def test_a_post_from_the_page_is_forwarded_with_its_body():
+    async with forwarder() as (port, seen):
+        answer = await send(port, "POST", PREDICT_PATH, own_origin(port), body=b"form bytes")
+        assert answer.status == 200 and answer.json()["bytes"] == len(b"form bytes")
+        assert [(s.method, s.raw_path, s.body) for s in seen] == [("POST", PREDICT_PATH, b"form bytes")]
+        # No Origin, but a Referer of the page (what some browsers send): forwarded too.
+        answer = await send(port, "DELETE", "/v2/models/speechclas/train/abc",
+                            {"Referer": f"http://127.0.0.1:{port}/"})  # fmt: skip
+        assert answer.status == 200 and seen[-1].method == "DELETE"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("headers", "says"),
+    [
+        ({"Origin": "http://evil.example"}, "Origin 'http://evil.example'"),
+        ({"Origin": "http://127.0.0.1:1"}, "Origin 'http://127.0.0.1:1'"),  # another local site
+        ({"Origin": "null"}, "Origin 'null'"),  # a sandboxed frame or a file: page
+        ({}, "no Origin or Referer"),
+        ({"Referer": "http://evil.example/page.html"}, "Referer"),
+    ],
+    ids=["other-site", "other-port", "null", "none", "foreign-referer"],
+)
+async def test_a_state_changing_request_from_elsewhere_is_refused(headers, says):
+    async with forwarder() as (port, seen):
+        for method in ("POST", "PUT", "DELETE", "PATCH"):
+            answer = await send(port, method, "/v2/models/speechclas/train/?data_dir=/etc", headers, body=b"x")
+            assert answer.status == 403, answer.body
+            assert "only from this server's own page" in answer.json()["message"]
+            assert says in answer.json()["message"]
+        assert seen == []  # nothing reached DEEPaaS
+
+
+@pytest.mark.asyncio
+async def test_a_host_that_is_not_this_server_is_refused_unless_allowed():
+    # DNS rebinding: evil.example made to resolve to 127.0.0.1 is same-origin for the browser.
+    rebound = {"Host": "evil.example:8000", "Origin": "http://evil.example:8000"}
+    async with forwarder() as (port, seen):
+        for method in ("GET", "POST"):
+            answer = await send(port, method, PREDICT_PATH, rebound)
+            assert answer.status == 403 and "--allow-host" in answer.json()["message"]
+        assert (await send(port, "GET", "/", rebound)).status == 403  # the page too
+        for host in ("localhost", f"localhost:{port}", f"[::1]:{port}"):
+            assert (await send(port, "GET", "/v2/", {"Host": host})).status == 200, host
+        assert (await send(port, "GET", "/v2/", {"Host": "bad host"})).status == 403
+        assert (await send(port, "GET", "/v2/", {"Host": None})).status in (400, 403)  # aiohttp: 400
+        assert len(seen) == 3
+    async with forwarder(allow_hosts=["Evil.Example"]) as (port, seen):
+        answer = await send(port, "POST", PREDICT_PATH, rebound)
+        assert answer.status == 200 and seen[0].headers["Origin"] == "http://evil.example:8000"
+    async with forwarder(listen_host="10.1.2.3") as (port, seen):
+        assert (await send(port, "GET", "/v2/", {"Host": "10.1.2.3:8000"})).status == 200
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "target",
+    ["/v2/%2E%2E/ui", "/v2/%2e%2e/swagger.json", "/v2/../ui", "/v2/models/%2E/x", "/v2/x%2F..%2F..%2Fui",
+     "/v2/x%5C..%5C..%5Cui", "/v%32/models/", "/ui", "/swagger.json", "http://127.0.0.1:1/v2/"],
+)
+async def test_only_v2_paths_without_dot_segments_are_forwarded(target):
+    async with forwarder() as (port, seen):
+        for method in ("GET", "POST"):
+            answer = await send(port, method, target, own_origin(port))
+            assert answer.status in (403, 404), (method, answer.body)
+        assert seen == []
+
+
+@pytest.mark.asyncio
+async def test_a_get_is_forwarded_with_its_raw_path_and_query():
+    target = "/v2/models/speechclas/train/%41b%2Fc?urls=http%3A%2F%2Fx%2Fa%20b.wav&top_k=+3&flag&e=%2E%2E"
+    async with forwarder() as (port, seen):
+        answer = await send(port, "GET", target)
+        assert answer.status == 200
+        assert seen[0].raw_path == target
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_a_body_above_the_limit_is_a_413_and_is_not_forwarded(chunked):
+    async with forwarder(client_max_size=10_000) as (port, seen):
+        answer = await send(port, "POST", PREDICT_PATH, own_origin(port), body=b"x" * 50_000, chunked=chunked)
+        assert answer.status == 413 and "10000 bytes" in answer.json()["message"]
+        assert "SPEECHCLAS_MAX_AUDIO_BYTES" in answer.json()["message"]
+        answer = await send(port, "POST", PREDICT_PATH, own_origin(port), body=b"x" * 9_000, chunked=chunked)
+        assert answer.status == 200 and [len(s.body) for s in seen] == [9_000]
+
+
+def test_the_default_body_limit_is_the_apis(monkeypatch):
+    monkeypatch.setenv("SPEECHCLAS_MAX_AUDIO_BYTES", "5000")
+    assert webserver.make_app()._client_max_size == 5000 + 2**20
+
+
+@pytest.mark.parametrize(
+    ("source", "host", "scheme", "same"),
+    [
+        ("http://127.0.0.1:8000", "127.0.0.1:8000", "http", True),
+        ("http://LOCALHOST:8000/page?x", "localhost:8000", "http", True),
+        ("http://example.org", "example.org:80", "http", True),
+        ("https://example.org", "example.org", "http", True),  # behind a TLS proxy
+        ("https://example.org:8443", "example.org:8443", "http", True),
+        ("http://127.0.0.1:8001", "127.0.0.1:8000", "http", False),
+        ("http://127.0.0.1", "127.0.0.1:8000", "http", False),
+        ("http://evil.example:8000", "127.0.0.1:8000", "http", False),
+        ("http://127.0.0.1:8000.evil.example", "127.0.0.1:8000", "http", False),
+        ("ftp://127.0.0.1:8000", "127.0.0.1:8000", "http", False),
+        ("null", "127.0.0.1:8000", "http", False),
+        ("http://127.0.0.1:99999", "127.0.0.1:8000", "http", False),
+        ("http://127.0.0.1:8000", "127.0.0.1:8000/x", "http", False),
+    ],
+)
+def test_same_origin(source, host, scheme, same):
+    assert webserver.same_origin(source, host, scheme) is same
 
 
 # --- real servers and a real browser ---------------------------------------------------------
