@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_API_URL = "http://127.0.0.1:5000"
 # Headers that describe one connection, not the message: never forwarded (RFC 9110 7.6.1).
-# Bodies pass through byte for byte (no decompression), so Content-Length and -Encoding stay true.
+# Answers pass through byte for byte (no decompression), so their Content-Length and -Encoding stay true.
 _HOP_BY_HOP = frozenset(
     h.lower()
     for h in ("Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer",
