@@ -27,6 +27,12 @@ def deepaas_command(port: int, workers: int) -> list[str]:
             "--listen-port", str(port), "--workers", str(workers)]  # fmt: skip
 
 
+def serve_command(port: int, workers: int) -> list[str]:
+    """speechclas-serve (deepaas-run with the body limit of the environment's Limits) of this checkout."""
+    return [sys.executable, "-m", "speechclas.serve", "--listen-ip", "127.0.0.1", "--listen-port", str(port),
+            "--workers", str(workers)]  # fmt: skip
+
+
 def wait_until_serving(url: str, process: subprocess.Popen, log: Path) -> None:
     """Until `url`/v2/ answers 200; fails the test with the log's end if the process dies or never answers."""
     deadline = time.monotonic() + START_TIMEOUT_S

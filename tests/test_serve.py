@@ -8,7 +8,6 @@ it is stored, and the server serving on.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import requests
 from speechclas import serve
 from speechclas.limits import Limits, MiB
 from tests.conftest import demo_clip, make_project_home
-from tests.processes import free_port, running, wait_until_serving
+from tests.processes import free_port, running, serve_command, wait_until_serving
 from tests.test_deepaas_process import PREDICT, REQUEST_TIMEOUT_S
 
 UPLOAD_LIMIT = 200_000  # bytes: small, so that bodies above it are cheap to send
@@ -69,10 +68,8 @@ def served(tmp_path_factory, trained_run):
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "SPEECHCLAS_HOME": str(home), "SPEECHCLAS_MAX_AUDIO_BYTES": str(UPLOAD_LIMIT),
            "TF_CPP_MIN_LOG_LEVEL": "2"}  # fmt: skip
-    command = [sys.executable, "-m", "speechclas.serve", "--listen-ip", "127.0.0.1", "--listen-port", str(port),
-               "--workers", "1"]  # fmt: skip
     log = home / "serve.log"
-    with running(command, env, home, log) as process:
+    with running(serve_command(port, workers=1), env, home, log) as process:
         wait_until_serving(url, process, log)
         yield url, process.pid
 
