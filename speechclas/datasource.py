@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,8 @@ class DownloadCache:
                     data_dir = self._download(url, key, policy)
                 else:
                     logger.info("Using %s, downloaded earlier from %s", data_dir, redact_url(url))
-                os.utime(entry)  # most recently used
+                now = time.time_ns()  # os.utime(entry) alone would take the kernel's coarse clock
+                os.utime(entry, ns=(now, now))  # most recently used
                 # Taken before the download lock is let go, so no eviction fits in between.
                 held.enter_context(_locked(self._locks / f"{key}.use", fcntl.LOCK_SH))
             if downloaded:
