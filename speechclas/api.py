@@ -45,7 +45,7 @@ from speechclas.config import (
     load_config,
     load_param_specs,
 )
-from speechclas.fetch import FetchError, env_allows_private
+from speechclas.fetch import FetchError
 from speechclas.limits import Limits
 from speechclas.predict import (
     DEFAULT_TOP_K,
@@ -319,8 +319,7 @@ def predict(**args) -> dict[str, Any]:
                 url=args.get("urls"),
                 run=args.get("run"),
                 top_k=args.get("top_k", DEFAULT_TOP_K),
-                max_bytes=max_audio_bytes(),
-                allow_private_urls=env_allows_private(),
+                limits=Limits.from_env(),
             )
     finally:
         if upload is not None:  # DEEPaaS copies each upload to a temp file it never removes
@@ -395,7 +394,7 @@ def train(**args) -> dict[str, Any]:
     try:
         config = load_config(args)
         logger.info("Training requested through the API with %s", args or "the defaults")
-        return run_training(config, progress=False).summary()
+        return run_training(config, progress=False, limits=Limits.from_env()).summary()
     except Exception as exc:
         logger.exception("Training failed")
         message = str(exc) if isinstance(exc, (ValueError, LookupError, OSError)) else f"{type(exc).__name__}: {exc}"

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
-from speechclas.fetch import env_allows_private, fetch_url, redact_url
+from speechclas.fetch import UrlPolicy, fetch_url, redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -374,37 +374,22 @@ def _dataset_root(folder: Path) -> Path:
     return folder
 
 
-def download_and_extract(
-    url: str,
-    target_dir: Path,
-    *,
-    max_download_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
-    allow_private: bool | None = None,
-) -> Path:
+def download_and_extract(url: str, target_dir: Path, policy: UrlPolicy) -> Path:
     """Download the dataset archive at ``url`` into ``target_dir``; return the data folder.
 
     The return value is the folder that contains the label folders: ``target_dir``,
     or its only subfolder when the archive wraps everything in one top folder.
-    ``allow_private=None`` defers to the operator (``env_allows_private``).
+    ``policy.max_bytes`` bounds the download and, again, the unpacked files.
     Raises FetchError for download problems and ArchiveError for refused archives.
     """
     target_dir = Path(target_dir)
-    if allow_private is None:
-        allow_private = env_allows_private()
     parent = target_dir.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     # Next to the data rather than in /tmp, which is often small in containers.
     with tempfile.TemporaryDirectory(prefix=".download-", dir=parent) as tmp:
-        downloaded = fetch_url(
-            url,
-            tmp,
-            max_bytes=max_download_bytes,
-            allow_private=allow_private,
-            progress=True,
-            suffix=_url_suffix(url),
-        )
+        downloaded = fetch_url(url, tmp, progress=True, suffix=_url_suffix(url), **policy.kwargs())
         try:
-            extract_archive(downloaded, target_dir)
+            extract_archive(downloaded, target_dir, max_total_bytes=policy.max_bytes)
         except ArchiveError as exc:
             raise ArchiveError(
                 f"the archive downloaded from {redact_url(url)} was refused: {exc}"

@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from speechclas.archive import ArchiveError, TooManyFiles, _dataset_root, extract_archive
 from speechclas.audio import AudioError, decode_audio
-from speechclas.data import AUDIO_SUFFIXES, BACKGROUND_NOISE_DIR, UNKNOWN_LABEL
+from speechclas.data import AUDIO_SUFFIXES, BACKGROUND_NOISE_DIR, UNKNOWN_LABEL, DataError, read_split_list
+from speechclas.datasource import run_data_dir
 from speechclas.limits import setting
 from speechclas.predict import DEFAULT_TOP_K, InputError, Predictor, PredictorCache
 from speechclas.rundir import RunDir, find_run
@@ -109,24 +110,21 @@ def items_from_folder(folder: Path, nested_archives: bool = False) -> list[Batch
 
 
 def items_from_split_list(list_path: Path, data_dir: Path) -> list[BatchItem]:
-    """The clips of a split list (``<label>/<file>`` per line, as data.write_split_lists writes).
+    """The clips of a split list (`data.read_split_list`), relative to `data_dir`.
 
     A line that does not name a clip inside `data_dir` is kept as an item
     whose path does not exist, so it is reported per file like any bad clip.
     """
     try:
-        lines = Path(list_path).read_text().splitlines()
-    except OSError as exc:
-        raise InputError(f"cannot read the split list {list_path}: {exc.strerror}") from None
+        entries = read_split_list(list_path)
+    except DataError as exc:
+        raise InputError(str(exc)) from None
     items = []
-    for line in lines:
-        relative = line.strip()
-        if not relative or relative.startswith("#"):
-            continue
-        parts = PurePosixPath(relative).parts
-        inside = len(parts) >= 2 and not PurePosixPath(relative).is_absolute() and ".." not in parts
-        path = data_dir / relative if inside else data_dir / "__outside__" / str(len(items))
-        items.append(BatchItem(path=path, name=relative, word=parts[-2] if inside else None))
+    for entry in entries:
+        if entry.example is None:
+            items.append(BatchItem(path=data_dir / "__outside__" / str(len(items)), name=entry.text, word=None))
+        else:
+            items.append(BatchItem(path=data_dir / entry.example.path, name=entry.text, word=entry.example.word))
     return items
 
 
@@ -134,14 +132,6 @@ def batch_name(source: Path) -> str:
     """A file name for a batch from its source: ``test`` for test.txt, the folder name otherwise."""
     stem = source.stem if source.suffix.lower() == ".txt" else source.name
     return _SAFE_NAME.sub("_", stem).strip("._") or "batch"
-
-
-def default_data_dir(run: RunDir) -> Path:
-    """The data folder the run was trained on (its conf.json), where its split lists point."""
-    from speechclas.config import project_dir
-
-    data_dir = Path(run.settings()["data_dir"])
-    return data_dir if data_dir.is_absolute() else project_dir() / data_dir
 
 
 # --- scoring and statistics ---------------------------------------------------------
@@ -273,7 +263,7 @@ def run_batch(
         root = source
         items = items_from_folder(source)
     elif source.suffix.lower() == ".txt":
-        root = Path(data_dir) if data_dir else default_data_dir(run_dir)
+        root = Path(data_dir) if data_dir else run_data_dir(run_dir)
         items = items_from_split_list(source, root)
     else:
         raise InputError(f"{source} is neither a folder nor a split list (.txt)")

@@ -45,10 +45,11 @@ def train_main(argv: list[str] | None = None) -> int:
 
     from speechclas.archive import ArchiveError
     from speechclas.fetch import FetchError
+    from speechclas.limits import Limits
     from speechclas.train import train
 
     try:
-        result = train(config, progress=not args.no_progress and sys.stderr.isatty())
+        result = train(config, progress=not args.no_progress and sys.stderr.isatty(), limits=Limits.from_env())
     except (DataError, ArchiveError, FetchError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
@@ -86,11 +87,11 @@ def predict_main(argv: list[str] | None = None) -> int:
 
     from speechclas.audio import AudioError
     from speechclas.config import ConfigError, load_config
-    from speechclas.fetch import FetchError, env_allows_private
+    from speechclas.fetch import FetchError
+    from speechclas.limits import Limits
     from speechclas.predict import (
         InputError,
         PredictorCache,
-        max_audio_bytes,
         predict_request,
     )
     from speechclas.rundir import RunNotFoundError
@@ -119,8 +120,7 @@ def predict_main(argv: list[str] | None = None) -> int:
             url=args.source if is_url else None,
             run=args.run,
             top_k=args.top_k,
-            max_bytes=max_audio_bytes(),
-            allow_private_urls=env_allows_private(),
+            limits=Limits.from_env(),
         )
     except (InputError, AudioError, FetchError, RunNotFoundError) as exc:
         logger.error("%s", exc)

@@ -14,7 +14,7 @@ import random
 import re
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from tqdm import tqdm
@@ -52,6 +52,7 @@ class DatasetIndex:
     labels: tuple[str, ...]
     splits: dict[str, tuple[Example, ...]]
     background_files: tuple[str, ...]
+    splits_dir: Path | None = None  # whose split lists decided the split; None: the speaker hash did
 
     def label_index(self, word: str) -> int:
         """Class index of a folder name: itself if wanted, else _unknown_."""
@@ -91,18 +92,52 @@ def _audio_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
 
 
-def _read_split_file(path: Path, data_dir: Path) -> list[Example]:
-    examples = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+@dataclasses.dataclass(frozen=True)
+class SplitLine:
+    """One entry of a split list: where it is, what it says, and the clip it names."""
+
+    number: int  # line number, for messages
+    text: str
+    example: Example | None  # None when the line is not <label>/<file> inside the data folder
+
+
+def read_split_list(path: Path) -> list[SplitLine]:
+    """The entries of a split list (``<label>/<file>`` per line, relative to the data folder).
+
+    The one parser of the lists `write_split_lists` writes, for training and for
+    batch prediction. Blank lines and ``#`` comments are skipped; a line that
+    is absolute, climbs out with ``..`` or has no label folder gets no example,
+    and the caller decides whether that is fatal.
+    """
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "it is not a text file"
+        raise DataError(f"cannot read the split list {path}: {reason}") from None
+    entries = []
+    for number, line in enumerate(lines, start=1):
         relative = line.strip()
         if not relative or relative.startswith("#"):
             continue
-        parts = Path(relative).parts
-        if len(parts) < 2 or Path(relative).is_absolute() or ".." in parts:
-            raise DataError(f"{path}:{number}: expected <label>/<file> relative to the data folder, got {relative!r}")
-        if not (data_dir / relative).is_file():
-            raise DataError(f"{path}:{number}: {relative} does not exist in {data_dir}")
-        examples.append(Example(path=Path(relative).as_posix(), word=parts[-2]))
+        posix = PurePosixPath(relative)
+        inside = len(posix.parts) >= 2 and not posix.is_absolute() and ".." not in posix.parts
+        example = Example(path=posix.as_posix(), word=posix.parts[-2]) if inside else None
+        entries.append(SplitLine(number=number, text=relative, example=example))
+    return entries
+
+
+def _read_split_file(path: Path, data_dir: Path) -> list[Example]:
+    """A split list for training: every line must name an existing clip of `data_dir`."""
+    examples = []
+    for entry in read_split_list(path):
+        if entry.example is None:
+            raise DataError(
+                f"{path}:{entry.number}: expected <label>/<file> relative to the data folder, "
+                f"got {entry.text!r}"
+            )
+        if not (data_dir / entry.example.path).is_file():
+            raise DataError(f"{path}:{entry.number}: {entry.text} does not exist in {data_dir}")
+        examples.append(entry.example)
     return examples
 
 
@@ -135,6 +170,7 @@ def index_dataset(
         logger.info("Using the split lists in %s", splits_dir)
         splits = {s: tuple(_read_split_file(split_files[s], data_dir)) for s in SPLITS}
     else:
+        splits_dir = None
         buckets: dict[str, list[Example]] = {s: [] for s in SPLITS}
         for word, files in files_by_word.items():
             for path in files:
@@ -161,7 +197,9 @@ def index_dataset(
     )
     counts = {s: len(v) for s, v in splits.items()}
     logger.info("Indexed %s: %s clips per split, %d noise files", data_dir, counts, len(background))
-    return DatasetIndex(data_dir=data_dir, labels=labels, splits=splits, background_files=background)
+    return DatasetIndex(
+        data_dir=data_dir, labels=labels, splits=splits, background_files=background, splits_dir=splits_dir
+    )
 
 
 def write_split_lists(index: DatasetIndex, out_dir: Path) -> None:

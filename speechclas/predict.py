@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from speechclas.audio import DecodedAudio, decode_audio, place_in_window
-from speechclas.fetch import fetch_url, redact_url
+from speechclas.fetch import UrlPolicy, fetch_url, redact_url
+from speechclas.limits import Limits
 from speechclas.rundir import RunDir, find_run
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_TOP_K = 5
 DEFAULT_MAX_AUDIO_BYTES = 16 * 1024 * 1024
 MAX_AUDIO_BYTES_ENV = "SPEECHCLAS_MAX_AUDIO_BYTES"
-URL_CONNECT_TIMEOUT_S = 5.0
-URL_READ_TIMEOUT_S = 30.0
 # conf.json keys that fix what the exported model expects as input.
 _FEATURE_KEYS = (
     "sample_rate",
@@ -168,18 +167,10 @@ class PredictorCache:
         return predictor
 
 
-def download_audio(url: str, max_bytes: int, allow_private: bool) -> bytes:
+def download_audio(url: str, policy: UrlPolicy) -> bytes:
     """The body of an http(s) URL, fetched safely into a private temp folder that is always removed."""
     with tempfile.TemporaryDirectory(prefix="speechclas-url-") as folder:
-        path = fetch_url(
-            url,
-            folder,
-            max_bytes=max_bytes,
-            allow_private=allow_private,
-            connect_timeout=URL_CONNECT_TIMEOUT_S,
-            read_timeout=URL_READ_TIMEOUT_S,
-        )
-        return path.read_bytes()
+        return fetch_url(url, folder, **policy.kwargs()).read_bytes()
 
 
 def predict_request(
@@ -191,8 +182,7 @@ def predict_request(
     url: str | None = None,
     run: str | None = None,
     top_k: int = DEFAULT_TOP_K,
-    max_bytes: int = DEFAULT_MAX_AUDIO_BYTES,
-    allow_private_urls: bool = False,
+    limits: Limits | None = None,
 ) -> dict[str, Any]:
     """Score exactly one input, a local file or a URL, with the chosen (or served) run.
 
@@ -209,6 +199,6 @@ def predict_request(
     if file is not None:
         audio = decode_audio(file, rate, name=f"the file {file_name or Path(file).name!r}")
     else:
-        data = download_audio(url, max_bytes, allow_private_urls)
+        data = download_audio(url, UrlPolicy.for_audio(limits or Limits.defaults()))
         audio = decode_audio(data, rate, name=f"the download of {redact_url(url)}")
     return predictors.get(run_dir).predict(audio, top_k)

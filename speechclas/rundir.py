@@ -76,6 +76,11 @@ class RunDir:
         return self.conf / "conf.json"
 
     @property
+    def data_source_path(self) -> Path:
+        """The data folder the run was trained on, and where it came from (datasource.write_record)."""
+        return self.conf / "data_source.json"
+
+    @property
     def metrics_path(self) -> Path:
         return self.stats / "metrics.json"
 

@@ -10,10 +10,8 @@ Everything a run writes goes into its own models/<timestamp>/ folder.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -23,9 +21,10 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from speechclas import architectures, data, export, metrics, pipeline
-from speechclas.config import Config, project_dir
+from speechclas import architectures, data, datasource, export, metrics, pipeline
+from speechclas.config import Config
 from speechclas.features import FeatureSettings, settings_from_config
+from speechclas.limits import Limits
 from speechclas.rundir import RunDir, create_run_dir
 
 logger = logging.getLogger(__name__)
@@ -63,28 +62,6 @@ class PreparedData:
     index: data.DatasetIndex
     training: pipeline.TrainingAudio
     evaluation: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (int16 audio, labels)
-
-
-def resolve_data_dir(config: Config, base_dir: Path | None = None) -> Path:
-    """The folder of label folders: data_dir, or data_url's archive unpacked
-    once into data/downloads/<hash of the URL>/ and reused by later runs."""
-    if not config.data_url:
-        return config.path("data_dir", base_dir)
-    from speechclas.archive import download_and_extract
-
-    downloads = (base_dir or project_dir()) / "data" / "downloads"
-    target = downloads / hashlib.sha1(config.data_url.encode("utf-8")).hexdigest()[:16]
-    complete = target.with_name(target.name + ".complete")
-    if complete.is_file():
-        data_dir = Path(complete.read_text().strip())
-        logger.info("Using %s, downloaded earlier from %s", data_dir, config.data_url)
-        return data_dir
-    if target.exists():
-        shutil.rmtree(target)  # an interrupted earlier download
-    downloads.mkdir(parents=True, exist_ok=True)
-    data_dir = download_and_extract(config.data_url, target)
-    complete.write_text(str(data_dir))
-    return data_dir
 
 
 def prepare_data(config: Config, settings: FeatureSettings, data_dir: Path, splits_dir: Path) -> PreparedData:
@@ -256,12 +233,17 @@ def train(
     progress: bool = True,
     cancel: threading.Event | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    limits: Limits | None = None,
 ) -> TrainingResult:
-    """Train one model as configured; answers the finished run and its metrics."""
+    """Train one model as configured; answers the finished run and its metrics.
+
+    `limits` (default: the defaults) bound a ``data_url`` download.
+    """
     started = time.monotonic()
     settings = settings_from_config(config)
-    data_dir = resolve_data_dir(config, base_dir)
-    prepared = prepare_data(config, settings, data_dir, config.path("data_splits_dir", base_dir))
+    with datasource.open_data_dir(config, base_dir, limits or Limits.defaults()) as source:
+        data_dir = source.data_dir
+        prepared = prepare_data(config, settings, data_dir, config.path("data_splits_dir", base_dir))
     index = prepared.index
     start_checkpoint = _resolve_checkpoint(config.start_checkpoint) if config.start_checkpoint else None
 
@@ -271,6 +253,7 @@ def train(
         run.conf_path.write_text(config.to_json())
         run.labels_path.write_text("".join(f"{label}\n" for label in index.labels))
         data.write_split_lists(index, run.dataset_files)
+        datasource.write_record(run, source, index.splits_dir)
         result = _train_in_run(config, settings, prepared, run, start_checkpoint, progress, cancel, on_step, started)
         run.mark_finished()
         logger.info("Run %s finished: test accuracy %.3f", run.name, result.metrics["testing"]["accuracy"])

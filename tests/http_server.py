@@ -78,6 +78,35 @@ def stream(total_bytes: int, *, chunk_bytes: int = 64 * 1024, declare_length: bo
     return route
 
 
+def drip(
+    total_bytes: int, interval: float, *, declare_length: bool = True, in_headers: bool = False
+) -> Route:
+    """Answer one byte every ``interval`` seconds: of the body, or (``in_headers``) of the headers.
+
+    Each byte comes well inside any read timeout, so only a total deadline ends it.
+    """
+
+    def route(handler: http.server.BaseHTTPRequestHandler) -> None:
+        head = b"HTTP/1.1 200 OK\r\n"
+        head += f"Content-Length: {total_bytes}\r\n".encode() if declare_length else b"Connection: close\r\n"
+        head += b"\r\n"
+        handler.close_connection = True
+        with contextlib.suppress(OSError):  # the client hangs up at its deadline
+            if in_headers:
+                for byte in head:
+                    handler.wfile.write(bytes([byte]))
+                    handler.wfile.flush()
+                    time.sleep(interval)
+            else:
+                handler.wfile.write(head)
+            for _ in range(total_bytes):
+                handler.wfile.write(b"\0")
+                handler.wfile.flush()
+                time.sleep(interval)
+
+    return route
+
+
 class _Handler(http.server.SimpleHTTPRequestHandler):
     routes: MutableMapping[str, Route]  # set per server by serve_directory
 

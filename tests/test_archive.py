@@ -11,10 +11,12 @@ import zipfile
 import pytest
 
 from speechclas.archive import ArchiveError, download_and_extract, extract_archive
-from speechclas.fetch import FetchError
+from speechclas.fetch import FetchError, UrlPolicy
+from speechclas.limits import Limits
 from tests.http_server import PROXY_VARS, serve_directory
 
 DATASET = {"yes/a.wav": b"RIFF-yes", "no/b.wav": b"RIFF-no", "no/c.wav": b"RIFF-no-2"}
+LOOPBACK_ALLOWED = UrlPolicy(max_bytes=2**20, allow_private=True)
 
 
 @pytest.fixture(autouse=True)
@@ -265,7 +267,7 @@ def test_download_and_extract_single_top_folder(tmp_path, served):
     folder, base = served
     make_tar(folder / "speech.tar.gz", {f"speech/{name}": data for name, data in DATASET.items()})
     target = tmp_path / "data" / "dataset"
-    root = download_and_extract(f"{base}/speech.tar.gz", target, allow_private=True)
+    root = download_and_extract(f"{base}/speech.tar.gz", target, LOOPBACK_ALLOWED)
     assert root == target / "speech"
     assert sorted(p.name for p in root.iterdir()) == ["no", "yes"]
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["dataset"]  # download removed
@@ -275,19 +277,29 @@ def test_download_and_extract_flat(tmp_path, served):
     folder, base = served
     make_zip(folder / "speech.zip", DATASET)
     target = tmp_path / "dataset"
-    assert download_and_extract(f"{base}/speech.zip", target, allow_private=True) == target
+    assert download_and_extract(f"{base}/speech.zip", target, LOOPBACK_ALLOWED) == target
     assert (target / "yes" / "a.wav").read_bytes() == b"RIFF-yes"
 
 
-def test_download_and_extract_follows_operator_setting(tmp_path, served, monkeypatch):
+def test_download_and_extract_follows_operator_setting(tmp_path, served):
     folder, base = served
     make_zip(folder / "speech.zip", DATASET)
-    monkeypatch.delenv("SPEECHCLAS_ALLOW_PRIVATE_URLS", raising=False)
+    refused = UrlPolicy.for_dataset(Limits.from_env({}))
     with pytest.raises(FetchError, match="loopback"):
-        download_and_extract(f"{base}/speech.zip", tmp_path / "refused")
+        download_and_extract(f"{base}/speech.zip", tmp_path / "refused", refused)
     assert not (tmp_path / "refused").exists()
-    monkeypatch.setenv("SPEECHCLAS_ALLOW_PRIVATE_URLS", "1")
-    assert download_and_extract(f"{base}/speech.zip", tmp_path / "allowed") == tmp_path / "allowed"
+    allowed = UrlPolicy.for_dataset(Limits.from_env({"SPEECHCLAS_ALLOW_PRIVATE_URLS": "1"}))
+    assert download_and_extract(f"{base}/speech.zip", tmp_path / "allowed", allowed) == tmp_path / "allowed"
+
+
+def test_download_and_extract_bounds_the_unpacked_size_too(tmp_path, served):
+    folder, base = served
+    make_tar(folder / "bomb.tar.gz", {"yes/zeros.wav": bytes(200_000)})  # compresses to a few hundred bytes
+    assert (folder / "bomb.tar.gz").stat().st_size < 10_000
+    with pytest.raises(ArchiveError, match="unpacks to more than 10000 bytes"):
+        download_and_extract(f"{base}/bomb.tar.gz", tmp_path / "data" / "dataset",
+                             UrlPolicy(max_bytes=10_000, allow_private=True))
+    assert list((tmp_path / "data").iterdir()) == []
 
 
 def test_download_and_extract_refuses_bad_archive(tmp_path, served):
@@ -297,11 +309,11 @@ def test_download_and_extract_refuses_bad_archive(tmp_path, served):
     with pytest.raises(
         ArchiveError, match=f"downloaded from {base}/evil.tar.gz was refused: .*'..'"
     ):
-        download_and_extract(f"{base}/evil.tar.gz", target, allow_private=True)
+        download_and_extract(f"{base}/evil.tar.gz", target, LOOPBACK_ALLOWED)
     assert list((tmp_path / "data").iterdir()) == []
 
 
 def test_download_and_extract_missing(tmp_path, served):
     _, base = served
     with pytest.raises(FetchError, match="HTTP 404"):
-        download_and_extract(f"{base}/none.zip", tmp_path / "dataset", allow_private=True)
+        download_and_extract(f"{base}/none.zip", tmp_path / "dataset", LOOPBACK_ALLOWED)

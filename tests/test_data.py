@@ -149,12 +149,13 @@ def test_split_files_override_the_hash(tmp_path):
         (splits_dir / filename).write_text("# made by hand\n" + "".join(f"{p}\n" for p in chosen[split]) + "\n")
 
     index = index_dataset(data_dir, ("yes", "no"), 0, 0, splits_dir=splits_dir)
+    assert index.splits_dir == splits_dir  # recorded by the run (conf/data_source.json)
     assert {split: [e.path for e in index.splits[split]] for split in SPLITS} == chosen
     assert index.splits["testing"][0].word == Path(chosen["testing"][0]).parent.name
     # Without the files (or another folder) the hash decides.
-    assert split_of_each_file(index_dataset(data_dir, ("yes", "no"), 0, 0, splits_dir=tmp_path / "none")) == {
-        path: "training" for path in paths
-    }
+    hashed_again = index_dataset(data_dir, ("yes", "no"), 0, 0, splits_dir=tmp_path / "none")
+    assert split_of_each_file(hashed_again) == {path: "training" for path in paths}
+    assert hashed_again.splits_dir is None
 
 
 def test_write_split_lists_writes_the_three_files_and_they_reproduce_the_split(tmp_path):
@@ -180,6 +181,24 @@ def test_split_file_naming_a_missing_or_bad_file_is_refused(tmp_path, line):
     with pytest.raises(DataError, match=re.escape("val.txt:1: ")) as caught:
         index_dataset(data_dir, ("yes", "no"), 10, 10, splits_dir=splits_dir)
     assert line in str(caught.value)
+
+
+def test_read_split_list_is_the_one_parser_of_split_lists(tmp_path):
+    listed = tmp_path / "test.txt"
+    listed.write_text("yes/a_nohash_0.wav\n\n# a comment\n  no/b_nohash_1.wav  \n../x/y.wav\n/etc/passwd\nloose.wav\n")
+    entries = data.read_split_list(listed)
+    assert [(e.number, e.text) for e in entries] == [
+        (1, "yes/a_nohash_0.wav"), (4, "no/b_nohash_1.wav"), (5, "../x/y.wav"), (6, "/etc/passwd"), (7, "loose.wav"),
+    ]
+    assert [e.example for e in entries[:2]] == [
+        data.Example("yes/a_nohash_0.wav", "yes"), data.Example("no/b_nohash_1.wav", "no"),
+    ]
+    assert [e.example for e in entries[2:]] == [None, None, None]  # outside the data folder or no label
+    listed.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(DataError, match="not a text file"):
+        data.read_split_list(listed)
+    with pytest.raises(DataError, match="cannot read the split list"):
+        data.read_split_list(tmp_path / "missing.txt")
 
 
 def test_missing_data_folder_is_refused(tmp_path):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pickle
 import socket
+import time
 
 import pytest
 
 from speechclas import fetch
-from speechclas.fetch import FetchError, blocked_reason, env_allows_private, fetch_url
-from tests.http_server import PROXY_VARS, redirect, respond, serve_directory, stream
+from speechclas.fetch import FetchError, UrlPolicy, blocked_reason, fetch_url
+from speechclas.limits import Limits
+from tests.http_server import PROXY_VARS, drip, redirect, respond, serve_directory, stream
 
 PUBLIC = "93.184.216.34"
 WAV_BYTES = b"RIFF" + bytes(range(256)) * 4
@@ -111,9 +113,9 @@ def test_redirect_target_is_checked_again(site, monkeypatch):
     )
     # The connection really goes to 127.0.0.1, which the connect-time check would (rightly) refuse.
     monkeypatch.setattr(fetch, "_check_socket_peer", lambda sock: None)
-    with pytest.raises(FetchError, match=r"localhost resolves to .* a loopback address") as info:
+    with pytest.raises(FetchError, match=r"localhost is a loopback address") as info:
         fetch_url(f"{base}/hop", dest, max_bytes=10_000)
-    assert "redirected from" in str(info.value)
+    assert "redirected from" in str(info.value) and "resolves" not in str(info.value)
     assert hits == [] and list(dest.iterdir()) == []
 
 
@@ -130,8 +132,9 @@ def test_connection_to_unchecked_address_refused(site, monkeypatch):
     hits = []
     routes["/secret"] = lambda handler: hits.append(handler.path)
     monkeypatch.setattr(fetch, "_resolve", lambda host, port: [PUBLIC])
-    with pytest.raises(FetchError, match="went to 127.0.0.1, a loopback address .*DNS changed"):
+    with pytest.raises(FetchError, match="went to a loopback address .*DNS changed") as info:
         fetch_url(f"{base}/secret", dest, max_bytes=10_000)
+    assert "127.0.0.1," not in str(info.value)
     assert hits == [] and list(dest.iterdir()) == []
 
 
@@ -233,27 +236,177 @@ def test_public_addresses(address):
     assert blocked_reason(address) is None
 
 
-@pytest.mark.parametrize(
-    ("value", "expected"),
-    [
-        (None, False),
-        ("", False),
-        ("0", False),
-        ("no", False),
-        ("1", True),
-        ("true", True),
-        ("YES", True),
-    ],
-)
-def test_env_allows_private(monkeypatch, value, expected):
-    if value is None:
-        monkeypatch.delenv("SPEECHCLAS_ALLOW_PRIVATE_URLS", raising=False)
-    else:
-        monkeypatch.setenv("SPEECHCLAS_ALLOW_PRIVATE_URLS", value)
-    assert env_allows_private() is expected
-
-
 def test_fetch_error_is_picklable():
     error = pickle.loads(pickle.dumps(FetchError("download of http://x failed")))
     assert isinstance(error, FetchError) and isinstance(error, ValueError)
     assert str(error) == "download of http://x failed"
+
+
+# --- every SSRF form, without telling what a name resolves to ------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "reason"),
+    [
+        ("localhost", "a loopback"),
+        ("127.0.0.1", "a loopback"),
+        ("127.1", "a loopback"),
+        ("[::1]", "a loopback"),
+        ("[::ffff:127.0.0.1]", "a loopback"),
+        ("2130706433", "a loopback"),  # decimal 127.0.0.1
+        ("0177.0.0.1", "a loopback"),  # octal
+        ("0x7f.0.0.1", "a loopback"),  # hexadecimal
+        ("0.0.0.0", "an unspecified"),
+        ("169.254.169.254", "a link-local"),  # cloud metadata
+    ],
+)
+def test_ssrf_forms_are_refused(site, host, reason):
+    """Each would reach the live test server (or the machine itself) if the check let it through."""
+    base, _, dest = site
+    port = base.rsplit(":", 1)[1]
+    with pytest.raises(FetchError, match=f"is not allowed: .* is {reason} address") as info:
+        fetch_url(f"http://{host}:{port}/clip.wav", dest, max_bytes=10_000)
+    message = str(info.value)
+    assert "resolves" not in message and "SPEECHCLAS_ALLOW_PRIVATE_URLS" in message
+    if host in ("localhost", "127.1", "2130706433", "0177.0.0.1", "0x7f.0.0.1"):
+        assert "127.0.0.1" not in message  # what the name stands for stays on the server
+    assert list(dest.iterdir()) == []
+
+
+def test_a_private_name_is_refused_without_its_address(tmp_path, monkeypatch):
+    monkeypatch.setattr(fetch, "_resolve", lambda host, port: [PUBLIC, "10.0.0.7"])
+    with pytest.raises(FetchError, match="intranet.example is a private address") as info:
+        fetch_url("http://intranet.example/clip.wav", tmp_path, max_bytes=10)
+    assert "10.0.0.7" not in str(info.value)
+
+
+# --- the host that is checked is the host that is connected --------------------------
+
+
+@pytest.fixture
+def recorded_lookups(site, monkeypatch):
+    """Resolve straße.example's IDNA 2008 name to the test server; record every name looked up."""
+    lookups = []
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        lookups.append(host)
+        if host == "xn--strae-oqa.example":
+            host = "127.0.0.1"
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return lookups
+
+
+def test_an_international_name_is_checked_as_it_is_sent(site, recorded_lookups):
+    base, _, dest = site
+    url = base.replace("127.0.0.1", "straße.example") + "/clip.wav"
+    with pytest.raises(FetchError, match="xn--strae-oqa.example is a loopback address"):
+        fetch_url(url, dest, max_bytes=10_000)
+    assert recorded_lookups == ["xn--strae-oqa.example"]  # not strasse.example (IDNA 2003)
+
+
+def test_an_international_name_is_connected_as_it_was_checked(site, recorded_lookups):
+    base, routes, dest = site
+    hosts = []
+
+    def record_host(handler):
+        hosts.append(handler.headers["Host"])
+        respond(WAV_BYTES)(handler)
+
+    routes["/host"] = record_host
+    url = base.replace("127.0.0.1", "STRASSE.example".lower().replace("ss", "ß")) + "/host"
+    assert fetch_url(url, dest, max_bytes=10_000, allow_private=True).read_bytes() == WAV_BYTES
+    port = base.rsplit(":", 1)[1]
+    assert set(recorded_lookups) == {"xn--strae-oqa.example"}
+    assert hosts == [f"xn--strae-oqa.example:{port}"]
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("http://%31%32%37.0.0.1/x", "may hold only letters, digits"),
+        ("http://exa\u200dmple.org/x", "not a valid international domain name"),
+        ("http://[::1]x/", "cannot tell its host"),
+        ("http://[fe80::1%25eth0]/", "not a plain IPv6 address"),
+    ],
+)
+def test_hosts_that_are_not_plain_names_are_refused(tmp_path, url, expected):
+    with pytest.raises(FetchError, match=expected):
+        fetch_url(url, tmp_path, max_bytes=10, allow_private=True)
+
+
+# --- a total deadline, however slowly the bytes come ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "route",
+    [
+        drip(1000, 0.2),
+        drip(1000, 0.2, declare_length=False),  # the body would just end when cut
+        drip(1000, 0.2, in_headers=True),
+    ],
+    ids=["body", "body-without-length", "headers"],
+)
+def test_slow_drip_is_cut_at_the_deadline(site, route):
+    base, routes, dest = site
+    routes["/drip"] = route
+    started = time.monotonic()
+    with pytest.raises(FetchError, match=r"stopped: it took longer than the 1\.5 s allowed"):
+        fetch_url(f"{base}/drip", dest, max_bytes=10_000, allow_private=True, read_timeout=1.0,
+                  deadline_s=1.5)
+    assert time.monotonic() - started < 15  # a hang bound: without a deadline it would take 200 s
+    assert list(dest.iterdir()) == []
+
+
+def test_policies_follow_the_operator_settings():
+    limits = Limits.from_env({
+        "SPEECHCLAS_URL_DEADLINE_S": "7", "SPEECHCLAS_DATA_URL_DEADLINE_S": "70",
+        "SPEECHCLAS_MAX_AUDIO_BYTES": "100", "SPEECHCLAS_DATA_URL_MAX_BYTES": "1000",
+        "SPEECHCLAS_URL_TRUST_ENV": "1", "SPEECHCLAS_URL_READ_TIMEOUT_S": "3",
+    })
+    audio, dataset = UrlPolicy.for_audio(limits), UrlPolicy.for_dataset(limits)
+    assert (audio.max_bytes, audio.deadline_s, dataset.max_bytes, dataset.deadline_s) == (100, 7, 1000, 70)
+    assert audio.trust_env and not audio.allow_private and dataset.read_timeout == 3
+    assert UrlPolicy.for_audio(Limits.defaults()).trust_env is False
+
+
+# --- nothing from the environment: proxies and .netrc ---------------------------------
+
+
+@pytest.fixture
+def proxy(tmp_path, monkeypatch):
+    """A dummy HTTP proxy in HTTP(S)_PROXY that answers a GET of any /clip.wav itself."""
+    with serve_directory(tmp_path, {"/clip.wav": respond(b"from the proxy")}) as proxy_url:
+        for var in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy"):
+            monkeypatch.setenv(var, proxy_url)
+        for var in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(var, raising=False)
+        yield proxy_url
+
+
+def test_environment_proxy_is_ignored(site, proxy):
+    base, _, dest = site
+    assert fetch_url(f"{base}/clip.wav", dest, max_bytes=10_000, allow_private=True).read_bytes() == WAV_BYTES
+    # The operator may opt in; the same download then goes through the proxy.
+    through = fetch_url(f"{base}/clip.wav", dest, max_bytes=10_000, allow_private=True, trust_env=True)
+    assert through.read_bytes() == b"from the proxy"
+
+
+def test_netrc_is_ignored(site, tmp_path, monkeypatch):
+    base, routes, dest = site
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login operator password s3cret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    seen = []
+
+    def record_auth(handler):
+        seen.append(handler.headers.get("Authorization"))
+        respond(WAV_BYTES)(handler)
+
+    routes["/auth"] = record_auth
+    fetch_url(f"{base}/auth", dest, max_bytes=10_000, allow_private=True)
+    fetch_url(f"{base}/auth", dest, max_bytes=10_000, allow_private=True, trust_env=True)
+    assert seen[0] is None and seen[1] is not None and seen[1].startswith("Basic ")

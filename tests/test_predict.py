@@ -13,6 +13,7 @@ import soundfile
 from speechclas.audio import AudioError, decode_audio, fix_length
 from speechclas.cli import predict_main
 from speechclas.fetch import FetchError
+from speechclas.limits import Limits
 from speechclas.predict import (
     InputError,
     Predictor,
@@ -184,7 +185,8 @@ def test_url_is_fetched_and_scored_like_the_file(trained_run, private_tmp):
     from_file = predict_request(cache, models_dir, file=demo_clip("no"))
     with serve_directory(demo_clip("no").parent) as base:
         from_url = predict_request(
-            cache, models_dir, url=f"{base}/{demo_clip('no').name}", allow_private_urls=True
+            cache, models_dir, url=f"{base}/{demo_clip('no').name}",
+            limits=Limits.from_env({"SPEECHCLAS_ALLOW_PRIVATE_URLS": "1"}),
         )
     assert from_url == from_file
     assert list(private_tmp.iterdir()) == []
@@ -211,8 +213,7 @@ def test_bad_urls_are_refused(trained_run, private_tmp, route, error, message):
             PredictorCache(),
             trained_run.root.parent,
             url=f"{base}/clip.wav",
-            max_bytes=4000,
-            allow_private_urls=True,
+            limits=Limits.from_env({"SPEECHCLAS_ALLOW_PRIVATE_URLS": "1", "SPEECHCLAS_MAX_AUDIO_BYTES": "4000"}),
         )
     assert list(private_tmp.iterdir()) == []
 

@@ -202,25 +202,33 @@ def test_cli_trains_and_prints_where_the_run_went(toy_data, tmp_path):
     assert 0 <= summary["test_accuracy"] <= 1
 
 
-def test_training_from_a_data_url_downloads_once(toy_data, tmp_path, monkeypatch):
+def test_training_from_a_data_url_downloads_once_and_records_its_data_folder(toy_data, tmp_path):
+    """The run's split lists point into the download, and batch prediction of them finds every clip."""
     import tarfile
 
-    from speechclas.train import resolve_data_dir
+    from speechclas.batch import run_batch
+    from speechclas.datasource import run_data_dir
+    from speechclas.limits import Limits
     from tests.http_server import serve_directory
 
     served = tmp_path / "served"
     served.mkdir()
     with tarfile.open(served / "toy.tar.gz", "w:gz") as archive:
         archive.add(toy_data, arcname="toy")
-    monkeypatch.setenv("SPEECHCLAS_ALLOW_PRIVATE_URLS", "1")
+    limits = Limits.from_env({"SPEECHCLAS_ALLOW_PRIVATE_URLS": "1"})
     with serve_directory(served) as base_url:
-        config = toy_config(tmp_path / "unused", tmp_path / "models", model_architecture="single_fc",
-                            data_url=f"{base_url}/toy.tar.gz")
-        result = train(config, base_dir=tmp_path, progress=False)
-        data_dir = resolve_data_dir(config, base_dir=tmp_path)
+        url = f"{base_url}/toy.tar.gz"
+        config = toy_config(tmp_path / "unused", tmp_path / "models", model_architecture="single_fc", data_url=url)
+        result = train(config, base_dir=tmp_path, progress=False, limits=limits)
     assert result.run.is_finished()
+    data_dir = run_data_dir(result.run)
     assert tmp_path / "data" / "downloads" in data_dir.parents
     assert sorted(p.name for p in data_dir.iterdir()) == ["_background_noise_", "bed", "no", "yes"]
+    record = json.loads(result.run.data_source_path.read_text())
+    assert record == {"data_dir": str(data_dir), "data_url": url, "splits_from_files": False, "splits_dir": None}
+    batch = run_batch(tmp_path / "models", result.run.dataset_files / "test.txt", run=result.run.name,
+                      progress=False)
+    assert batch.summary["files"] > 0 and batch.summary["failed"] == 0
     # The server is gone: a second run reuses the unpacked copy.
-    again = train(config, base_dir=tmp_path, progress=False)
-    assert again.run.is_finished()
+    again = train(config, base_dir=tmp_path, progress=False, limits=limits)
+    assert again.run.is_finished() and run_data_dir(again.run) == data_dir
