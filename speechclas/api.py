@@ -46,11 +46,11 @@ from speechclas.config import (
     load_param_specs,
 )
 from speechclas.fetch import FetchError, env_allows_private
+from speechclas.limits import Limits
 from speechclas.predict import (
     DEFAULT_TOP_K,
     InputError,
     PredictorCache,
-    max_audio_bytes,
     predict_request,
 )
 from speechclas.rundir import RunNotFoundError, find_run
@@ -264,7 +264,7 @@ def _upload_check(max_bytes: int):
 def get_predict_args() -> dict[str, fields.Field]:
     return {
         "data": fields.Raw(
-            validate=_upload_check(max_audio_bytes()),
+            validate=_upload_check(Limits.from_env().max_audio_bytes),
             metadata={
                 "type": "file",
                 "location": "form",
@@ -297,6 +297,7 @@ def predict(**args) -> dict[str, Any]:
     upload = args.get("data")
     try:
         with _http_errors():
+            limits = Limits.from_env()
             if upload is not None and not args.get("urls") and looks_like_archive(
                 Path(upload.filename), upload.original_filename
             ):
@@ -307,6 +308,7 @@ def predict(**args) -> dict[str, Any]:
                     archive_name=upload.original_filename,
                     run=args.get("run"),
                     top_k=args.get("top_k", DEFAULT_TOP_K),
+                    limits=limits,
                 )
                 return {"status": "ok", **result}
             result = predict_request(
@@ -317,7 +319,7 @@ def predict(**args) -> dict[str, Any]:
                 url=args.get("urls"),
                 run=args.get("run"),
                 top_k=args.get("top_k", DEFAULT_TOP_K),
-                max_bytes=max_audio_bytes(),
+                limits=limits,
                 allow_private_urls=env_allows_private(),
             )
     finally:
@@ -393,7 +395,7 @@ def train(**args) -> dict[str, Any]:
     try:
         config = load_config(args)
         logger.info("Training requested through the API with %s", args or "the defaults")
-        return run_training(config, progress=False).summary()
+        return run_training(config, progress=False, limits=Limits.from_env()).summary()
     except Exception as exc:
         logger.exception("Training failed")
         message = str(exc) if isinstance(exc, (ValueError, LookupError, OSError)) else f"{type(exc).__name__}: {exc}"

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from speechclas.archive import ArchiveError, _dataset_root, extract_archive
 from speechclas.audio import AudioError, decode_audio
 from speechclas.data import AUDIO_SUFFIXES, BACKGROUND_NOISE_DIR, UNKNOWN_LABEL
+from speechclas.limits import Limits
 from speechclas.predict import DEFAULT_TOP_K, InputError, Predictor, PredictorCache
 from speechclas.rundir import RunDir, find_run
 
@@ -144,15 +145,22 @@ def true_label(word: str | None, labels: Sequence[str]) -> str | None:
 
 
 def predict_items(
-    predictor: Predictor, items: Iterable[BatchItem], top_k: int = DEFAULT_TOP_K, progress: bool = True
+    predictor: Predictor,
+    items: Iterable[BatchItem],
+    top_k: int = DEFAULT_TOP_K,
+    progress: bool = True,
+    limits: Limits | None = None,
 ) -> list[dict[str, Any]]:
-    """Score each clip; a clip that cannot be decoded gets an ``error`` entry instead of stopping the batch."""
+    """Score each clip; a clip that cannot be decoded, or breaks the audio `limits`, gets an
+    ``error`` entry instead of stopping the batch."""
     items = list(items)
     records = []
     for item in tqdm(items, desc="Predicting", unit="clip", disable=not progress):
         record: dict[str, Any] = {"file": item.name, "label": true_label(item.word, predictor.labels)}
         try:
-            audio = decode_audio(item.path, predictor.settings.sample_rate, name=f"the file {item.name!r}")
+            audio = decode_audio(
+                item.path, predictor.settings.sample_rate, name=f"the file {item.name!r}", limits=limits
+            )
         except AudioError as exc:
             logger.warning("Skipped %s: %s", item.name, exc)
             records.append({**record, "error": str(exc)})
@@ -233,6 +241,7 @@ def run_batch(
     top_k: int = DEFAULT_TOP_K,
     progress: bool = True,
     predictors: PredictorCache | None = None,
+    limits: Limits | None = None,
 ) -> BatchResult:
     """Score a folder or a split list (``.txt``) with a run and store predictions and statistics.
 
@@ -256,7 +265,7 @@ def run_batch(
         raise InputError(f"batch name {name!r} may hold only letters, digits, '.', '_' and '-'")
     predictor = (predictors or PredictorCache(max_runs=1)).get(run_dir)
     logger.info("Predicting %d clips of %s with run %s", len(items), source, run_dir.name)
-    records = predict_items(predictor, items, top_k, progress)
+    records = predict_items(predictor, items, top_k, progress, limits)
     out, metrics_path, stats = write_batch(run_dir, name, source, root, records, predictor.labels)
     summary = {key: stats[key] for key in ("files", "failed", "unlabelled", "count", "accuracy")}
     logger.info("Wrote %s (%s)", out, summary)
@@ -285,6 +294,7 @@ def predict_archive(
     top_k: int = DEFAULT_TOP_K,
     max_files: int = MAX_ARCHIVE_FILES,
     max_unpacked_bytes: int = MAX_ARCHIVE_UNPACKED_BYTES,
+    limits: Limits | None = None,
 ) -> dict[str, Any]:
     """Per-file top-k of the clips in an uploaded archive, unpacked safely into a temp folder
     that is always removed; statistics too when the clips sit in label folders."""
@@ -306,7 +316,7 @@ def predict_archive(
         if len(items) > max_files:
             raise ArchiveRefused(f"{archive_name} holds {len(items)} clips; at most {max_files} are accepted")
         predictor = predictors.get(run_dir)
-        records = predict_items(predictor, items, top_k, progress=False)
+        records = predict_items(predictor, items, top_k, progress=False, limits=limits)
     stats = batch_statistics(records, predictor.labels)
     answer: dict[str, Any] = {"run": run_dir.name, "files": records,
                               "summary": {key: stats[key] for key in ("files", "failed", "unlabelled")}}

@@ -42,13 +42,15 @@ def demo_clip(word):
 def demo_audio(settings):
     """int16 clips: the wanted ones in label order, then the unknown one."""
     paths = [demo_clip(word) for word in WANTED_CLIPS.values()] + [demo_clip(UNKNOWN_CLIP)]
-    return data.load_clips(DEMO, paths, RATE, settings.desired_samples)
+    return data.load_clips(DEMO, paths, RATE, settings.desired_samples).audio
 
 
 @pytest.fixture(scope="module")
 def background(settings):
     files = [f"{data.BACKGROUND_NOISE_DIR}/{p.name}" for p in sorted((DEMO / data.BACKGROUND_NOISE_DIR).iterdir())]
-    return data.load_background(DEMO, files, RATE, settings.desired_samples)
+    noise, skipped = data.load_background(DEMO, files, RATE, settings.desired_samples)
+    assert skipped == ()
+    return noise
 
 
 def training_audio(demo_audio, background):
