@@ -194,7 +194,7 @@ def open_audio(
         _check_wav_not_truncated(stream, start, size, name)
         stream.seek(start)
         try:
-            sound = soundfile.SoundFile(stream)
+            sound = _SequentialSoundFile(stream)
         except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
             raise AudioError(
                 f"{name} is not a readable audio file (wav, flac or ogg expected): {_libsndfile_reason(exc)}"
@@ -208,6 +208,15 @@ def open_audio(
             )
             _check_header(header, bounds, name)
             yield AudioReader(sound, header, bounds, name)
+
+
+class _SequentialSoundFile(soundfile.SoundFile):
+    """A SoundFile read front to back only. soundfile seeks to its own position after every
+    read of a seekable file; for a FLAC whose header gives no length that seek fails at the
+    end of the stream, and it costs a decoder seek per block. libsndfile keeps the position."""
+
+    def seekable(self) -> bool:
+        return False
 
 
 class AudioReader:
@@ -229,10 +238,11 @@ class AudioReader:
         rate, channels = self.header.sample_rate, self.header.channels
         block_frames = max(1, min(int(block_seconds * rate), MAX_BLOCK_VALUES // channels))
         max_frames = int(self.limits.max_seconds * rate)
+        buffer = np.empty((block_frames, channels), np.float32)  # reused: one block in memory
         decoded = clipped = 0
         while True:
             try:
-                block = self._sound.read(min(block_frames, max_frames + 1 - decoded), dtype="float32", always_2d=True)
+                block = self._sound.read(min(block_frames, max_frames + 1 - decoded), out=buffer)
             except (soundfile.LibsndfileError, RuntimeError) as exc:
                 raise AudioError(f"{self.name} cannot be decoded: {_libsndfile_reason(exc)}") from exc
             if not len(block):
@@ -252,7 +262,7 @@ class AudioReader:
             if out_of_range:
                 clipped += out_of_range
                 np.clip(block, -1.0, 1.0, out=block)
-            yield block.mean(axis=1, dtype=np.float32) if channels > 1 else np.ascontiguousarray(block[:, 0])
+            yield block.mean(axis=1, dtype=np.float32) if channels > 1 else block[:, 0].copy()
         if not decoded:
             raise AudioError(f"{self.name} holds no audio samples")
         if clipped:
