@@ -104,11 +104,11 @@ class AudioLimits:
         )
 
 
-def _check_wav_not_truncated(stream: BinaryIO, start: int, size: int, name: str) -> None:
+def _check_wav_not_truncated(stream: BinaryIO, size: int, name: str) -> None:
     """libsndfile silently reads what is there; a wav whose data chunk is
     shorter than its header promises is a truncated upload, so refuse it.
     Only the chunk headers are read: the walk seeks over the chunks."""
-    stream.seek(start)
+    stream.seek(0)
     head = stream.read(12)
     if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         return
@@ -116,7 +116,7 @@ def _check_wav_not_truncated(stream: BinaryIO, start: int, size: int, name: str)
     for _ in range(_MAX_WAV_CHUNKS):
         if position + 8 > size:
             return
-        stream.seek(start + position)
+        stream.seek(position)
         chunk = stream.read(8)
         if len(chunk) < 8:
             return
@@ -140,7 +140,8 @@ def _libsndfile_reason(exc: Exception) -> str:
 
 @contextlib.contextmanager
 def _binary_stream(source: AudioSource, name: str | None) -> Iterator[tuple[BinaryIO, str]]:
-    """A seekable binary stream over a path, bytes or an open file, and the name messages use."""
+    """A seekable binary stream over a path, bytes or an open file (read from its start),
+    and the name messages use."""
     if isinstance(source, (str, Path)):
         name = name or str(source)
         try:
@@ -187,12 +188,11 @@ def open_audio(
     """
     bounds = limits if isinstance(limits, AudioLimits) else AudioLimits.from_limits(limits)
     with _binary_stream(source, name) as (stream, name):
-        start = stream.tell()
-        size = stream.seek(0, os.SEEK_END) - start
+        size = stream.seek(0, os.SEEK_END)
         if size <= 0:
             raise AudioError(f"{name} is empty")
-        _check_wav_not_truncated(stream, start, size, name)
-        stream.seek(start)
+        _check_wav_not_truncated(stream, size, name)
+        stream.seek(0)
         try:
             sound = _SequentialSoundFile(stream)
         except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
