@@ -51,7 +51,6 @@ from speechclas.predict import (
     DEFAULT_TOP_K,
     InputError,
     PredictorCache,
-    max_audio_bytes,
     predict_request,
 )
 from speechclas.rundir import RunNotFoundError, find_run
@@ -265,7 +264,7 @@ def _upload_check(max_bytes: int):
 def get_predict_args() -> dict[str, fields.Field]:
     return {
         "data": fields.Raw(
-            validate=_upload_check(max_audio_bytes()),
+            validate=_upload_check(Limits.from_env().max_audio_bytes),
             metadata={
                 "type": "file",
                 "location": "form",
@@ -298,6 +297,7 @@ def predict(**args) -> dict[str, Any]:
     upload = args.get("data")
     try:
         with _http_errors():
+            limits = Limits.from_env()
             if upload is not None and not args.get("urls") and looks_like_archive(
                 Path(upload.filename), upload.original_filename
             ):
@@ -308,7 +308,8 @@ def predict(**args) -> dict[str, Any]:
                     archive_name=upload.original_filename,
                     run=args.get("run"),
                     top_k=args.get("top_k", DEFAULT_TOP_K),
-                    max_files=Limits.from_env().max_archive_members,
+                    max_files=limits.max_archive_members,
+                    limits=limits,
                 )
                 return {"status": "ok", **result}
             result = predict_request(
@@ -319,7 +320,7 @@ def predict(**args) -> dict[str, Any]:
                 url=args.get("urls"),
                 run=args.get("run"),
                 top_k=args.get("top_k", DEFAULT_TOP_K),
-                limits=Limits.from_env(),
+                limits=limits,
             )
     finally:
         if upload is not None:  # DEEPaaS copies each upload to a temp file it never removes

@@ -33,7 +33,7 @@ from speechclas.archive import ArchiveError, TooManyFiles, _dataset_root, extrac
 from speechclas.audio import AudioError, decode_audio
 from speechclas.data import AUDIO_SUFFIXES, BACKGROUND_NOISE_DIR, UNKNOWN_LABEL, DataError, read_split_list
 from speechclas.datasource import run_data_dir
-from speechclas.limits import setting
+from speechclas.limits import Limits, setting
 from speechclas.predict import DEFAULT_TOP_K, InputError, Predictor, PredictorCache
 from speechclas.rundir import RunDir, find_run
 
@@ -145,16 +145,21 @@ def true_label(word: str | None, labels: Sequence[str]) -> str | None:
 
 
 def predict_items(
-    predictor: Predictor, items: Iterable[BatchItem], top_k: int = DEFAULT_TOP_K, progress: bool = True
+    predictor: Predictor,
+    items: Iterable[BatchItem],
+    top_k: int = DEFAULT_TOP_K,
+    progress: bool = True,
+    limits: Limits | None = None,
 ) -> list[dict[str, Any]]:
-    """Score each clip. Whatever goes wrong with one clip (not audio, unreadable, a TensorFlow
-    error, scores that are not numbers) becomes that clip's ``error`` entry; the batch goes on."""
+    """Score each clip within the audio `limits`. Whatever goes wrong with one clip (not audio,
+    over a limit, unreadable, a TensorFlow error, scores that are not numbers) becomes that clip's
+    ``error`` entry; the batch goes on."""
     items = list(items)
     records = []
     for item in tqdm(items, desc="Predicting", unit="clip", disable=not progress):
         record: dict[str, Any] = {"file": item.name, "label": true_label(item.word, predictor.labels)}
         try:
-            records.append({**record, **_score(predictor, item, top_k)})
+            records.append({**record, **_score(predictor, item, top_k, limits)})
         except Exception as exc:  # one clip's failure, whatever it is, must not fail the others
             if isinstance(exc, (AudioError, _NotScored)):
                 logger.warning("Skipped %s: %s", item.name, exc)
@@ -170,10 +175,10 @@ class _NotScored(ValueError):
     """A clip that decoded but whose answer cannot be given (reported as its error)."""
 
 
-def _score(predictor: Predictor, item: BatchItem, top_k: int) -> dict[str, Any]:
+def _score(predictor: Predictor, item: BatchItem, top_k: int, limits: Limits | None) -> dict[str, Any]:
     if item.error is not None:
         raise _NotScored(item.error)
-    audio = decode_audio(item.path, predictor.settings.sample_rate, name=f"the file {item.name!r}")
+    audio = decode_audio(item.path, predictor.settings.sample_rate, name=f"the file {item.name!r}", limits=limits)
     answer = predictor.predict(audio, top_k)
     answer.pop("run")
     if not all(math.isfinite(p["probability"]) for p in answer["predictions"]):
@@ -251,6 +256,7 @@ def run_batch(
     top_k: int = DEFAULT_TOP_K,
     progress: bool = True,
     predictors: PredictorCache | None = None,
+    limits: Limits | None = None,
 ) -> BatchResult:
     """Score a folder or a split list (``.txt``) with a run and store predictions and statistics.
 
@@ -274,7 +280,7 @@ def run_batch(
         raise InputError(f"batch name {name!r} may hold only letters, digits, '.', '_' and '-'")
     predictor = (predictors or PredictorCache(max_runs=1)).get(run_dir)
     logger.info("Predicting %d clips of %s with run %s", len(items), source, run_dir.name)
-    records = predict_items(predictor, items, top_k, progress)
+    records = predict_items(predictor, items, top_k, progress, limits)
     out, metrics_path, stats = write_batch(run_dir, name, source, root, records, predictor.labels)
     summary = {key: stats[key] for key in ("files", "failed", "unlabelled", "count", "accuracy")}
     logger.info("Wrote %s (%s)", out, summary)
@@ -303,6 +309,7 @@ def predict_archive(
     top_k: int = DEFAULT_TOP_K,
     max_files: int,
     max_unpacked_bytes: int = MAX_ARCHIVE_UNPACKED_BYTES,
+    limits: Limits | None = None,
 ) -> dict[str, Any]:
     """Per-file top-k of the clips in an uploaded archive, unpacked safely into a temp folder
     that is always removed; statistics too when the clips sit in label folders.
@@ -332,7 +339,7 @@ def predict_archive(
         if not items:
             raise ArchiveRefused(f"{archive_name} holds no audio files ({', '.join(AUDIO_SUFFIXES)})")
         predictor = predictors.get(run_dir)
-        records = predict_items(predictor, items, top_k, progress=False)
+        records = predict_items(predictor, items, top_k, progress=False, limits=limits)
     stats = batch_statistics(records, predictor.labels)
     answer: dict[str, Any] = {"run": run_dir.name, "files": records,
                               "summary": {key: stats[key] for key in ("files", "failed", "unlabelled")}}

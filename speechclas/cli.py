@@ -37,10 +37,12 @@ def train_main(argv: list[str] | None = None) -> int:
 
     from speechclas.config import ConfigError, load_config, parse_cli_overrides
     from speechclas.data import DataError
+    from speechclas.limits import Limits, OperatorSettingError
 
     try:
         config = load_config(parse_cli_overrides(args.overrides), path=args.config)
-    except ConfigError as exc:
+        limits = Limits.from_env()
+    except (ConfigError, OperatorSettingError) as exc:
         parser.error(str(exc))
 
     from speechclas.archive import ArchiveError
@@ -49,7 +51,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from speechclas.train import train
 
     try:
-        result = train(config, progress=not args.no_progress and sys.stderr.isatty(), limits=Limits.from_env())
+        result = train(config, progress=not args.no_progress and sys.stderr.isatty(), limits=limits)
     except (DataError, ArchiveError, FetchError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
@@ -88,7 +90,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     from speechclas.audio import AudioError
     from speechclas.config import ConfigError, load_config
     from speechclas.fetch import FetchError
-    from speechclas.limits import Limits
+    from speechclas.limits import Limits, OperatorSettingError
     from speechclas.predict import (
         InputError,
         PredictorCache,
@@ -97,8 +99,9 @@ def predict_main(argv: list[str] | None = None) -> int:
     from speechclas.rundir import RunNotFoundError
 
     try:
+        limits = Limits.from_env()
         models_dir = Path(args.models_dir) if args.models_dir else load_config().path("models_dir")
-    except ConfigError as exc:
+    except (ConfigError, OperatorSettingError) as exc:
         parser.error(str(exc))
     is_url = urlsplit(args.source).scheme.lower() in ("http", "https")
     if not is_url and (Path(args.source).is_dir() or args.source.lower().endswith(".txt")):
@@ -106,7 +109,8 @@ def predict_main(argv: list[str] | None = None) -> int:
 
         try:
             batch = run_batch(models_dir, Path(args.source), run=args.run, name=args.name, top_k=args.top_k,
-                              data_dir=Path(args.data_dir) if args.data_dir else None, progress=sys.stderr.isatty())
+                              data_dir=Path(args.data_dir) if args.data_dir else None, progress=sys.stderr.isatty(),
+                              limits=limits)
         except (InputError, RunNotFoundError) as exc:
             logger.error("%s", exc)
             return 2
@@ -120,7 +124,7 @@ def predict_main(argv: list[str] | None = None) -> int:
             url=args.source if is_url else None,
             run=args.run,
             top_k=args.top_k,
-            limits=Limits.from_env(),
+            limits=limits,
         )
     except (InputError, AudioError, FetchError, RunNotFoundError) as exc:
         logger.error("%s", exc)

@@ -19,7 +19,8 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tqdm import tqdm
 
-from speechclas.audio import AudioError, decode_audio, place_in_window, to_int16
+from speechclas.audio import AudioError, AudioLimits, decode_audio, iter_audio_blocks, place_in_window, to_int16
+from speechclas.limits import Limits
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,9 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 # As in TF's speech_commands: the hash is taken modulo this, so the set of
 # a speaker never changes when other files are added.
 MAX_NUM_WAVS_PER_CLASS = 2**27 - 1
+# Noise files are long by design (speech_commands' are 1 to 5 minutes); each is
+# bounded by this instead of the operator's clip duration, and decoded in blocks.
+MAX_BACKGROUND_SECONDS = 600.0
 
 
 class DataError(ValueError):
@@ -42,6 +46,23 @@ class DataError(ValueError):
 class Example:
     path: str  # relative to data_dir, with forward slashes
     word: str  # the folder it came from
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedClip:
+    """A file of the dataset that cannot be used (not audio, truncated, out of the audio limits)."""
+
+    path: str  # relative to data_dir
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedClips:
+    """The usable clips of a list, in its order; `kept` maps each row back to its position in the list."""
+
+    audio: np.ndarray  # int16 [kept clips, desired_samples]
+    kept: np.ndarray  # int [kept clips]
+    skipped: tuple[SkippedClip, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,32 +251,47 @@ def evaluation_examples(
 
 
 def load_clips(
-    data_dir: Path, paths: Iterable[str | None], sample_rate: int, desired_samples: int, workers: int = 4
-) -> np.ndarray:
+    data_dir: Path,
+    paths: Iterable[str | None],
+    sample_rate: int,
+    desired_samples: int,
+    workers: int = 4,
+    limits: Limits | AudioLimits | None = None,
+) -> LoadedClips:
     """Decode clips once into an int16 array [clips, desired_samples], each
     placed in the window as prediction places its input (audio.place_in_window).
 
     Kept in memory because a keyword dataset is small (32 KB a clip at 16 kHz)
     and the training pipeline then never waits on disk. None gives silence.
+    A clip that cannot be decoded, or breaks the audio `limits`, is left out
+    and listed in `skipped` (one bad file among thousands should not stop a
+    training); the caller keeps its labels aligned through `kept`.
     """
     paths = list(paths)
     out = np.zeros((len(paths), desired_samples), dtype=np.int16)
 
-    def load(item):
+    def load(item) -> SkippedClip | None:
         position, relative = item
         if relative is None:
-            return
+            return None
         try:
-            decoded = decode_audio(data_dir / relative, sample_rate)
+            decoded = decode_audio(data_dir / relative, sample_rate, name=relative, limits=limits)
         except AudioError as exc:
-            raise DataError(f"cannot use training clip {relative}: {exc}") from exc
+            return SkippedClip(relative, str(exc))
         out[position] = to_int16(place_in_window(decoded.samples, desired_samples)[0])
+        return None
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         items = list(enumerate(paths))
-        list(tqdm(pool.map(load, items), total=len(items), desc="Loading clips", unit="clip", leave=False,
-                  disable=len(items) < 200))
-    return out
+        results = list(tqdm(pool.map(load, items), total=len(items), desc="Loading clips", unit="clip",
+                            leave=False, disable=len(items) < 200))
+    skipped = tuple(result for result in results if result is not None)
+    for clip in skipped:
+        logger.warning("Skipped clip %s: %s", clip.path, clip.reason)
+    if not skipped:
+        return LoadedClips(audio=out, kept=np.arange(len(paths)), skipped=())
+    kept = np.array([position for position, result in enumerate(results) if result is None], dtype=np.int64)
+    return LoadedClips(audio=out[kept], kept=kept, skipped=skipped)
 
 
 def fill_silence(audio: np.ndarray, silent_rows: np.ndarray, background: np.ndarray, seed: int) -> None:
@@ -271,14 +307,33 @@ def fill_silence(audio: np.ndarray, silent_rows: np.ndarray, background: np.ndar
         audio[row] = to_int16(background[start : start + audio.shape[1]] * volume)
 
 
-def load_background(data_dir: Path, files: Sequence[str], sample_rate: int, min_samples: int) -> np.ndarray:
+def load_background(
+    data_dir: Path,
+    files: Sequence[str],
+    sample_rate: int,
+    min_samples: int,
+    limits: Limits | AudioLimits | None = None,
+) -> tuple[np.ndarray, tuple[SkippedClip, ...]]:
     """All noise files decoded and joined into one float32 array; a random
-    window of it is mixed into training clips. Empty when there is none."""
-    pieces = []
+    window of it is mixed into training clips. Empty when there is none.
+
+    Each file may last up to MAX_BACKGROUND_SECONDS (the other audio
+    `limits` apply as to clips) and is decoded block by block; a file that
+    cannot be used is skipped and returned with the reason.
+    """
+    bounds = limits if isinstance(limits, AudioLimits) else AudioLimits.from_limits(limits)
+    bounds = bounds.with_max_seconds(MAX_BACKGROUND_SECONDS, "the bound on one background-noise file; cut it shorter")
+    pieces, skipped = [], []
     for relative in files:
-        decoded = decode_audio(data_dir / relative, sample_rate)
-        if len(decoded.samples) < min_samples:
+        try:
+            samples = np.concatenate(list(iter_audio_blocks(data_dir / relative, sample_rate, bounds, name=relative)))
+        except AudioError as exc:
+            logger.warning("Skipped noise file %s: %s", relative, exc)
+            skipped.append(SkippedClip(relative, str(exc)))
+            continue
+        if len(samples) < min_samples:
             logger.warning("Noise file %s is shorter than one clip; skipped", relative)
             continue
-        pieces.append(decoded.samples)
-    return np.concatenate(pieces) if pieces else np.zeros((0,), dtype=np.float32)
+        pieces.append(samples)
+    background = np.concatenate(pieces) if pieces else np.zeros((0,), dtype=np.float32)
+    return background, tuple(skipped)

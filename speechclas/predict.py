@@ -17,7 +17,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,8 +31,6 @@ from speechclas.rundir import RunDir, find_run
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 5
-DEFAULT_MAX_AUDIO_BYTES = 16 * 1024 * 1024
-MAX_AUDIO_BYTES_ENV = "SPEECHCLAS_MAX_AUDIO_BYTES"
 # conf.json keys that fix what the exported model expects as input.
 _FEATURE_KEYS = (
     "sample_rate",
@@ -43,16 +40,6 @@ _FEATURE_KEYS = (
     "feature_bin_count",
     "preprocess",
 )
-
-
-def max_audio_bytes() -> int:
-    """Largest audio upload or download accepted (operator setting ``SPEECHCLAS_MAX_AUDIO_BYTES``)."""
-    raw = os.environ.get(MAX_AUDIO_BYTES_ENV, "").strip()
-    if not raw:
-        return DEFAULT_MAX_AUDIO_BYTES
-    if not raw.isdigit() or int(raw) == 0:
-        raise ValueError(f"{MAX_AUDIO_BYTES_ENV} must be a positive number of bytes, got {raw!r}")
-    return int(raw)
 
 
 class InputError(ValueError):
@@ -184,11 +171,13 @@ def predict_request(
     top_k: int = DEFAULT_TOP_K,
     limits: Limits | None = None,
 ) -> dict[str, Any]:
-    """Score exactly one input, a local file or a URL, with the chosen (or served) run.
+    """Score exactly one input, a local file or a URL, with the chosen (or served) run, within the
+    operator's `limits` (download size, audio duration, channels, rate; default: their defaults).
 
     Raises InputError, audio.AudioError, fetch.FetchError and
     rundir.RunNotFoundError with messages meant for the caller.
     """
+    limits = limits if limits is not None else Limits.defaults()
     if file is None and not url:
         raise InputError("send an audio file (form field 'data') or the URL of one (field 'urls')")
     if file is not None and url:
@@ -197,8 +186,8 @@ def predict_request(
     # Decode before loading the model, so a bad input is refused without waiting for TensorFlow.
     rate = run_sample_rate(run_dir)
     if file is not None:
-        audio = decode_audio(file, rate, name=f"the file {file_name or Path(file).name!r}")
+        audio = decode_audio(file, rate, name=f"the file {file_name or Path(file).name!r}", limits=limits)
     else:
         data = download_audio(url, UrlPolicy.for_audio(limits or Limits.defaults()))
-        audio = decode_audio(data, rate, name=f"the download of {redact_url(url)}")
+        audio = decode_audio(data, rate, name=f"the download of {redact_url(url)}", limits=limits)
     return predictors.get(run_dir).predict(audio, top_k)

@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 
 SUMMARY_EVERY_STEPS = 10
 EVAL_BATCH_SIZE = 256
+# Skipped clips named in metrics.json (all are in the log).
+SKIPPED_EXAMPLES = 10
 
 
 class TrainingCancelled(Exception):
@@ -62,37 +64,75 @@ class PreparedData:
     index: data.DatasetIndex
     training: pipeline.TrainingAudio
     evaluation: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (int16 audio, labels)
+    skipped: tuple[data.SkippedClip, ...] = ()  # files left out, each once
+
+    def skipped_summary(self) -> dict:
+        """How many files were left out and a few of them, for metrics.json."""
+        return {
+            "count": len(self.skipped),
+            "examples": [{"file": clip.path, "error": clip.reason} for clip in self.skipped[:SKIPPED_EXAMPLES]],
+        }
 
 
-def prepare_data(config: Config, settings: FeatureSettings, data_dir: Path, splits_dir: Path) -> PreparedData:
-    """Index, split and load every clip once; errors here come before any run folder."""
+def prepare_data(
+    config: Config, settings: FeatureSettings, data_dir: Path, splits_dir: Path, limits: Limits | None = None
+) -> PreparedData:
+    """Index, split and load every clip once; errors here come before any run folder.
+
+    A clip that cannot be decoded or breaks the audio `limits` (default: the
+    operator defaults) is skipped with its label, logged and counted; only a
+    training split (or a wanted word) left without any usable clip is fatal.
+    """
     index = data.index_dataset(
         data_dir, config.wanted_words, config.validation_percentage, config.testing_percentage, splits_dir
     )
+    skipped: dict[str, data.SkippedClip] = {}
 
-    def load(paths):
-        return data.load_clips(data_dir, paths, settings.sample_rate, settings.desired_samples)
+    def load(paths) -> data.LoadedClips:
+        loaded = data.load_clips(data_dir, paths, settings.sample_rate, settings.desired_samples, limits=limits)
+        skipped.update((clip.path, clip) for clip in loaded.skipped)
+        return loaded
 
     wanted = index.wanted("training")
-    unknown = index.unknown("training")
+    wanted_loaded = load(e.path for e in wanted)
+    unknown_loaded = load(e.path for e in index.unknown("training"))
+    background, skipped_noise = data.load_background(
+        data_dir, index.background_files, settings.sample_rate, settings.desired_samples, limits=limits
+    )
+    skipped.update((clip.path, clip) for clip in skipped_noise)
     training = pipeline.TrainingAudio(
-        wanted_audio=load(e.path for e in wanted),
-        wanted_labels=np.array([index.label_index(e.word) for e in wanted], np.int32),
-        unknown_audio=load(e.path for e in unknown),
+        wanted_audio=wanted_loaded.audio,
+        wanted_labels=np.array([index.label_index(wanted[i].word) for i in wanted_loaded.kept], np.int32),
+        unknown_audio=unknown_loaded.audio,
         unknown_label=index.label_index(data.UNKNOWN_LABEL),
         silence_label=index.label_index(data.SILENCE_LABEL),
-        background=data.load_background(data_dir, index.background_files, settings.sample_rate, settings.desired_samples),
+        background=background,
     )
     evaluation = {}
     for number, split in enumerate(data.SPLITS):
         paths, labels = data.evaluation_examples(
             index, split, config.silence_percentage, config.unknown_percentage, config.random_seed
         )
-        audio = load(paths)
-        silent = np.flatnonzero([path is None for path in paths])
-        data.fill_silence(audio, silent, training.background, seed=config.random_seed + number)
-        evaluation[split] = (audio, np.array(labels, np.int32))
-    return PreparedData(index=index, training=training, evaluation=evaluation)
+        loaded = load(paths)
+        silent = np.flatnonzero([paths[i] is None for i in loaded.kept])
+        data.fill_silence(loaded.audio, silent, training.background, seed=config.random_seed + number)
+        evaluation[split] = (loaded.audio, np.array(labels, np.int32)[loaded.kept])
+    _check_usable(index, skipped, data_dir)
+    return PreparedData(index=index, training=training, evaluation=evaluation, skipped=tuple(skipped.values()))
+
+
+def _check_usable(index: data.DatasetIndex, skipped: dict[str, data.SkippedClip], data_dir: Path) -> None:
+    """The rules of data.index_dataset again, after the unusable clips are left out."""
+    if not skipped:
+        return
+    logger.warning("Skipped %d files of %s that cannot be used (see the warnings above)", len(skipped), data_dir)
+    if all(e.path in skipped for e in index.splits["training"]):
+        raise data.DataError(f"no usable clip left in the training split of {data_dir}: all {len(skipped)} "
+                             f"were skipped, e.g. {next(iter(skipped.values())).reason}")
+    usable = {e.word for split in data.SPLITS for e in index.splits[split] if e.path not in skipped}
+    lost = [word for word in index.labels[2:] if word not in usable]
+    if lost:
+        raise data.DataError(f"wanted words with no usable clip in {data_dir}: {', '.join(lost)}")
 
 
 def make_optimizer(name: str, learning_rate: float):
@@ -237,19 +277,23 @@ def train(
 ) -> TrainingResult:
     """Train one model as configured; answers the finished run and its metrics.
 
-    `limits` (default: the defaults) bound a ``data_url`` download.
+    `limits` (default: the defaults) bound a ``data_url`` download and the audio of each clip.
     """
     started = time.monotonic()
     settings = settings_from_config(config)
-    with datasource.open_data_dir(config, base_dir, limits or Limits.defaults()) as source:
+    limits = limits or Limits.defaults()
+    with datasource.open_data_dir(config, base_dir, limits) as source:
         data_dir = source.data_dir
-        prepared = prepare_data(config, settings, data_dir, config.path("data_splits_dir", base_dir))
+        prepared = prepare_data(config, settings, data_dir, config.path("data_splits_dir", base_dir), limits)
     index = prepared.index
     start_checkpoint = _resolve_checkpoint(config.start_checkpoint) if config.start_checkpoint else None
 
     run = create_run_dir(config.path("models_dir", base_dir))
     with _RunLogFile(run.logs / "train.log"):
         logger.info("Training run %s (%s) on %s", run.name, config.model_architecture, data_dir)
+        if prepared.skipped:
+            logger.warning("Skipped %d files that cannot be used (metrics.json lists %d): %s", len(prepared.skipped),
+                           SKIPPED_EXAMPLES, "; ".join(clip.path for clip in prepared.skipped[:SKIPPED_EXAMPLES]))
         run.conf_path.write_text(config.to_json())
         run.labels_path.write_text("".join(f"{label}\n" for label in index.labels))
         data.write_split_lists(index, run.dataset_files)
@@ -356,6 +400,7 @@ def _train_in_run(config, settings, prepared, run, start_checkpoint, progress, c
         "steps": int(global_step.numpy()),
         "duration_s": round(time.monotonic() - started, 1),
         **results,
+        "skipped_clips": prepared.skipped_summary(),
         "history": history,
     }
     run.metrics_path.write_text(json.dumps(run_metrics, indent=2))

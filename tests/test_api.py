@@ -196,6 +196,19 @@ def _oversized_wav(clip) -> bytes:
     return wav_bytes(np.tile(clip, 40), 16000)  # 1.28 MB > MAX_BYTES
 
 
+def _one_hz_wav(clip) -> bytes:
+    """A decode bomb: 16000 bytes whose header says 1 Hz (16000 s of audio)."""
+    data = bytearray(wav_bytes(clip, 16000, subtype="PCM_U8"))
+    data[24:32] = (1).to_bytes(4, "little") * 2  # sample rate and byte rate
+    return bytes(data)
+
+
+def _nan_wav(clip) -> bytes:
+    samples = clip.copy()
+    samples[100] = np.nan
+    return wav_bytes(samples, 16000, subtype="FLOAT")
+
+
 # Every bad input of the spec's Errors section: (form fields, status, words of the message).
 BAD_PREDICTIONS = {
     "no-file-no-url": (lambda clip, base: {}, 400, "send an audio file"),
@@ -207,6 +220,10 @@ BAD_PREDICTIONS = {
     "empty-file": (lambda clip, base: {"file": b""}, 400, "is empty"),
     "not-audio": (lambda clip, base: {"file": b"hello, this is text"}, 400, "not a readable audio file"),
     "truncated-wav": (lambda clip, base: {"file": _truncated_wav(clip)}, 400, "truncated wav"),
+    "one-hz-wav": (lambda clip, base: {"file": _one_hz_wav(clip)}, 400, "SPEECHCLAS_MIN_SAMPLE_RATE"),
+    "too-long": (lambda clip, base: {"file": wav_bytes(np.zeros(61 * 1000), 1000, subtype="PCM_U8")}, 400,
+                 "the longest accepted is 60 s (operator setting SPEECHCLAS_MAX_AUDIO_SECONDS)"),
+    "nan-samples": (lambda clip, base: {"file": _nan_wav(clip)}, 400, "not finite numbers"),
     "oversized-file": (lambda clip, base: {"file": _oversized_wav(clip)}, 422, "largest accepted"),
     "text-instead-of-file": (lambda clip, base: {"data": "yes.wav"}, 422, "must be an uploaded file"),
     "url-unreachable": (lambda clip, base: {"urls": "http://127.0.0.1:1/yes.wav"}, 400, "could not reach"),
@@ -232,6 +249,14 @@ async def test_bad_prediction_input_answers_4xx_with_a_message(client, audio_ser
     assert message in str(body)
     if status != 422:  # ours; 422 is webargs' {"field": ["message"]}
         assert set(body) == {"message"}
+
+
+async def test_huge_float_samples_are_clipped_not_a_500(client, clip):
+    samples = clip.copy()
+    samples[::2] = 1e30
+    response = await post_predict(client, file=wav_bytes(samples, 16000, subtype="FLOAT"))
+    assert response.status == 200, await response.text()
+    assert len((await response.json())["predictions"]) == 5
 
 
 async def test_prediction_before_any_model_exists(client, project_home, clip):

@@ -299,18 +299,26 @@ def test_evaluation_examples_limits_unknown_to_what_exists_and_allows_zero():
 def test_load_clips_centres_short_clips_and_gives_silence_for_none(tmp_path):
     write_wav(tmp_path / "yes" / "a_nohash_0.wav", samples=100, value=0.5)
     write_wav(tmp_path / "yes" / "b_nohash_0.wav", samples=400, value=-0.25)
-    clips = data.load_clips(tmp_path, ["yes/a_nohash_0.wav", None, "yes/b_nohash_0.wav"], RATE, 200)
+    loaded = data.load_clips(tmp_path, ["yes/a_nohash_0.wav", None, "yes/b_nohash_0.wav"], RATE, 200)
+    assert loaded.skipped == () and list(loaded.kept) == [0, 1, 2]
+    clips = loaded.audio
     assert clips.dtype == np.int16 and clips.shape == (3, 200)
     np.testing.assert_allclose(clips[0, 50:150], 0.5 * 32767, atol=2)  # centred, as prediction places it
     assert not clips[0, :50].any() and not clips[0, 150:].any() and not clips[1].any()
     np.testing.assert_allclose(clips[2], -0.25 * 32767, atol=2)
 
 
-def test_load_clips_names_a_broken_clip(tmp_path):
-    (tmp_path / "yes").mkdir()
+def test_load_clips_skips_and_names_a_broken_clip(tmp_path, caplog):
+    """One bad file leaves its row out (with its position, so labels stay aligned) instead of stopping."""
+    write_wav(tmp_path / "yes" / "a_nohash_0.wav", samples=200, value=0.5)
     (tmp_path / "yes" / "bad_nohash_0.wav").write_bytes(b"this is not a wav file")
-    with pytest.raises(DataError, match="yes/bad_nohash_0.wav"):
-        data.load_clips(tmp_path, ["yes/bad_nohash_0.wav"], RATE, 200)
+    write_wav(tmp_path / "yes" / "c_nohash_0.wav", samples=200, value=-0.5)
+    loaded = data.load_clips(tmp_path, ["yes/a_nohash_0.wav", "yes/bad_nohash_0.wav", "yes/c_nohash_0.wav"], RATE, 200)
+    assert list(loaded.kept) == [0, 2] and loaded.audio.shape == (2, 200)
+    assert loaded.audio[0, 0] > 0 > loaded.audio[1, 0]
+    assert [clip.path for clip in loaded.skipped] == ["yes/bad_nohash_0.wav"]
+    assert "not a readable audio file" in loaded.skipped[0].reason
+    assert "Skipped clip yes/bad_nohash_0.wav" in caplog.text
 
 
 def test_evaluation_silence_is_fixed_background_noise_not_zeros():

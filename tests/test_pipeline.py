@@ -2,10 +2,12 @@
 change, the label mix follows the percentages, and the whole chain runs on the
 demo dataset."""
 
+import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile
 import tensorflow as tf
 
 from speechclas import data, train
@@ -42,13 +44,15 @@ def demo_clip(word):
 def demo_audio(settings):
     """int16 clips: the wanted ones in label order, then the unknown one."""
     paths = [demo_clip(word) for word in WANTED_CLIPS.values()] + [demo_clip(UNKNOWN_CLIP)]
-    return data.load_clips(DEMO, paths, RATE, settings.desired_samples)
+    return data.load_clips(DEMO, paths, RATE, settings.desired_samples).audio
 
 
 @pytest.fixture(scope="module")
 def background(settings):
     files = [f"{data.BACKGROUND_NOISE_DIR}/{p.name}" for p in sorted((DEMO / data.BACKGROUND_NOISE_DIR).iterdir())]
-    return data.load_background(DEMO, files, RATE, settings.desired_samples)
+    noise, skipped = data.load_background(DEMO, files, RATE, settings.desired_samples)
+    assert skipped == ()
+    return noise
 
 
 def training_audio(demo_audio, background):
@@ -247,3 +251,69 @@ def test_pipeline_end_to_end_on_the_demo_dataset(tmp_path):
         assert set(eval_labels) <= set(range(len(labels)))
         evaluated += len(audio)
     assert evaluated > 0
+
+
+def _write_clip(path: Path, value: float, rate: int = RATE, samples: int = 4000, subtype: str = "PCM_16") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(path, np.full(samples, value, np.float32), rate, subtype=subtype)
+
+
+def _split_lists(root: Path, splits: dict[str, list[str]]) -> Path:
+    folder = root / "splits"
+    folder.mkdir()
+    for split, filename in data.SPLIT_FILES.items():
+        (folder / filename).write_text("".join(f"{line}\n" for line in splits.get(split, [])))
+    return folder
+
+
+def test_unusable_training_clips_are_skipped_counted_and_labels_stay_aligned(tmp_path, caplog):
+    """A corrupt clip and a 1 Hz decode bomb among good clips: both skipped, named, and every
+    remaining row keeps its own label ("yes" clips are positive, "no" clips negative)."""
+    root = tmp_path / "data"
+    training_clips = []
+    for i in range(3):
+        for word, value in (("yes", 0.5), ("no", -0.5)):
+            _write_clip(root / word / f"s{i}_nohash_0.wav", value)
+            training_clips.append(f"{word}/s{i}_nohash_0.wav")
+    (root / "yes" / "corrupt_nohash_0.wav").write_bytes(b"RIFF\x10\0\0\0WAVEnot a wav at all")
+    _write_clip(root / "no" / "bomb_nohash_0.wav", 0.0, rate=8000, samples=4000, subtype="PCM_U8")
+    bomb = bytearray((root / "no" / "bomb_nohash_0.wav").read_bytes())
+    bomb[24:32] = struct.pack("<II", 1, 1)  # the header now says 1 Hz: 4000 s of audio
+    (root / "no" / "bomb_nohash_0.wav").write_bytes(bytes(bomb))
+    _write_clip(root / data.BACKGROUND_NOISE_DIR / "noise.wav", 0.01, samples=2 * RATE)
+    _write_clip(root / data.BACKGROUND_NOISE_DIR / "hours.wav", 0.01, rate=1000, samples=1000 * 601, subtype="PCM_U8")
+    training_clips[3:3] = ["yes/corrupt_nohash_0.wav", "no/bomb_nohash_0.wav"]
+    splits = _split_lists(tmp_path, {"training": training_clips, "validation": ["yes/s0_nohash_0.wav",
+                                                                                "no/bomb_nohash_0.wav"]})
+    config = load_config({"data_dir": str(root), "wanted_words": "yes,no", "silence_percentage": 0,
+                          "unknown_percentage": 0})
+    settings = settings_from_config(config)
+
+    prepared = train.prepare_data(config, settings, root, splits)
+
+    skipped = prepared.skipped_summary()
+    assert skipped["count"] == 3
+    files = {example["file"]: example["error"] for example in skipped["examples"]}
+    assert set(files) == {"yes/corrupt_nohash_0.wav", "no/bomb_nohash_0.wav", f"{data.BACKGROUND_NOISE_DIR}/hours.wav"}
+    assert "sample rate of 1 Hz" in files["no/bomb_nohash_0.wav"]
+    assert "longest accepted is 600 s (the bound on one background-noise file" in files[
+        f"{data.BACKGROUND_NOISE_DIR}/hours.wav"]
+    audio, labels = prepared.training.wanted_audio, prepared.training.wanted_labels
+    assert len(audio) == len(labels) == 6
+    yes, no = prepared.index.labels.index("yes"), prepared.index.labels.index("no")
+    assert list(labels == yes) == list(audio.max(axis=1) > 0) and list(labels == no) == list(audio.min(axis=1) < 0)
+    validation_audio, validation_labels = prepared.evaluation["validation"]
+    assert list(validation_labels) == [yes] and validation_audio.max() > 0
+    assert len(prepared.training.background) == 2 * RATE
+    assert "Skipped 3 files of" in caplog.text and "Skipped clip no/bomb_nohash_0.wav" in caplog.text
+
+
+def test_a_training_split_without_any_usable_clip_is_refused(tmp_path):
+    root = tmp_path / "data"
+    for word in ("yes", "no"):
+        (root / word).mkdir(parents=True)
+        (root / word / "s0_nohash_0.wav").write_bytes(b"not audio")
+    splits = _split_lists(tmp_path, {"training": ["yes/s0_nohash_0.wav", "no/s0_nohash_0.wav"]})
+    config = load_config({"data_dir": str(root), "wanted_words": "yes,no"})
+    with pytest.raises(data.DataError, match=f"no usable clip left in the training split of {root}"):
+        train.prepare_data(config, settings_from_config(config), root, splits)

@@ -19,7 +19,6 @@ from speechclas.predict import (
     Predictor,
     PredictorCache,
     choose_window,
-    max_audio_bytes,
     predict_request,
 )
 from speechclas.rundir import RunNotFoundError
@@ -144,16 +143,6 @@ def test_cache_loads_a_run_once_and_again_when_replaced(trained_run):
     assert cache.get(trained_run) is not first
 
 
-def test_max_audio_bytes_is_an_operator_setting(monkeypatch):
-    monkeypatch.delenv("SPEECHCLAS_MAX_AUDIO_BYTES", raising=False)
-    assert max_audio_bytes() == 16 * 1024 * 1024
-    monkeypatch.setenv("SPEECHCLAS_MAX_AUDIO_BYTES", "2048")
-    assert max_audio_bytes() == 2048
-    monkeypatch.setenv("SPEECHCLAS_MAX_AUDIO_BYTES", "16M")
-    with pytest.raises(ValueError, match="SPEECHCLAS_MAX_AUDIO_BYTES must be a positive number of bytes"):
-        max_audio_bytes()
-
-
 # --- predict_request: what the API and the CLI both answer ---------------------------
 
 
@@ -163,6 +152,20 @@ def test_exactly_one_input_is_required(trained_run, tmp_path):
         predict_request(PredictorCache(), models_dir)
     with pytest.raises(InputError, match="not both"):
         predict_request(PredictorCache(), models_dir, file=demo_clip(), url="http://example.org/a.wav")
+
+
+def test_audio_limits_are_checked_before_the_model_is_loaded(trained_run, tmp_path):
+    """The operator's bounds on duration and channels come from the header, before any decoding or TensorFlow."""
+    cache = PredictorCache()
+    models_dir = trained_run.root.parent
+    short = Limits.defaults().replace(max_audio_seconds=0.25)
+    with pytest.raises(AudioError, match=r"lasts 0\.\d s .* longest accepted is 0\.25 s .*SPEECHCLAS_MAX_AUDIO_SECONDS"):
+        predict_request(cache, models_dir, file=demo_clip(), limits=short)
+    stereo = tmp_path / "stereo.wav"
+    stereo.write_bytes(wav_bytes(np.zeros((16000, 2), np.float32), 16000))
+    with pytest.raises(AudioError, match="has 2 channels; at most 1 .*SPEECHCLAS_MAX_CHANNELS"):
+        predict_request(cache, models_dir, file=stereo, limits=Limits.defaults().replace(max_channels=1))
+    assert cache._loaded == {}
 
 
 def test_no_trained_model_is_reported(tmp_path):
@@ -235,6 +238,12 @@ def test_cli_predicts_a_url(trained_run, capsys, monkeypatch):
         code = predict_main([f"{base}/{demo_clip('go').name}", "--models-dir", str(trained_run.root.parent)])
     assert code == 0
     assert len(json.loads(capsys.readouterr().out)["predictions"]) == 5
+
+
+def test_cli_reads_the_audio_limits_of_the_operator(trained_run, monkeypatch, caplog):
+    monkeypatch.setenv("SPEECHCLAS_MAX_AUDIO_SECONDS", "0.25")
+    assert predict_main([str(demo_clip()), "--models-dir", str(trained_run.root.parent)]) == 2
+    assert "the longest accepted is 0.25 s (operator setting SPEECHCLAS_MAX_AUDIO_SECONDS)" in caplog.text
 
 
 def test_cli_reports_a_bad_file(trained_run, tmp_path, caplog):

@@ -232,3 +232,21 @@ def test_training_from_a_data_url_downloads_once_and_records_its_data_folder(toy
     # The server is gone: a second run reuses the unpacked copy.
     again = train(config, base_dir=tmp_path, progress=False, limits=limits)
     assert again.run.is_finished() and run_data_dir(again.run) == data_dir
+
+
+def test_a_training_skips_unusable_clips_and_counts_them(toy_data, tmp_path):
+    """A corrupt file and a 1 Hz decode bomb among the clips: the training finishes, and its
+    metrics.json and train.log say which files were left out."""
+    data_dir = tmp_path / "audios"
+    shutil.copytree(toy_data, data_dir)
+    (data_dir / "yes" / "corrupt_nohash_0.wav").write_bytes(b"RIFF\x10\0\0\0WAVEthis is no audio")
+    bomb = bytearray(sorted((data_dir / "no").iterdir())[0].read_bytes())
+    bomb[24:32] = (1).to_bytes(4, "little") * 2  # sample rate and byte rate: 1 Hz, hours of audio
+    (data_dir / "yes" / "bomb_nohash_0.wav").write_bytes(bytes(bomb))
+    result = train(toy_config(data_dir, tmp_path / "models", model_architecture="single_fc"), progress=False)
+    metrics = json.loads(result.run.metrics_path.read_text())
+    assert metrics["skipped_clips"]["count"] == 2
+    assert {example["file"] for example in metrics["skipped_clips"]["examples"]} == {
+        "yes/corrupt_nohash_0.wav", "yes/bomb_nohash_0.wav"}
+    log = (result.run.logs / "train.log").read_text()
+    assert "Skipped 2 files that cannot be used" in log and "yes/bomb_nohash_0.wav" in log
