@@ -29,6 +29,7 @@ from speechclas.config import Config
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_EXIT_GRACE_S = 60
 _UNFINISHED = "Its run folder is left unfinished and is never served."
 
 
@@ -48,8 +49,9 @@ def run_in_process(function: Callable[..., Any], *args: Any, what: str = "traini
     """``function(*args)`` in a spawned child process; its result, or TrainingProcessError.
 
     `function` and `args` are pickled (a module-level function, by reference);
-    so is the result. Call it from the thread that should own the child: the
-    child is killed when that thread's process dies.
+    so is the result. Linux ties the child's death signal to the calling
+    thread, not its process: call this from a thread that lives as long as the
+    work (a DEEPaaS worker runs ``train`` in its main thread).
     """
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
@@ -64,7 +66,11 @@ def run_in_process(function: Callable[..., Any], *args: Any, what: str = "traini
             outcome = receiver.recv()
         except EOFError:  # died without a word: killed or crashed
             outcome = None
-        process.join()
+        process.join(timeout=_EXIT_GRACE_S if outcome is not None else None)
+        if process.is_alive():  # the result is in; a child stuck in its interpreter's exit is not waited for
+            logger.warning("Process %d did not exit %d s after its result; killing it", process.pid, _EXIT_GRACE_S)
+            process.kill()
+            process.join()
     except BaseException:  # the caller is interrupted (Ctrl-C, SystemExit): take the child along
         process.kill()
         process.join()
