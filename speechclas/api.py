@@ -17,7 +17,9 @@ How DEEPaaS 2.6 runs it decides the shape:
   unpickled, which kills the pool's result thread and hangs every later
   request (DEEPaaS #174, #123). `_HTTPError` survives the trip, so the 4xx
   of a bad input reaches the client with its message.
-- A training runs in the same pool; what it raises becomes the ``message`` of
+- A training is started from the same pool but runs in a child process of
+  the worker (`speechclas.trainproc`), so an out-of-memory kill ends the
+  training, not the worker. What ``train`` raises becomes the ``message`` of
   its ``error`` status, so it is turned into one plain picklable exception.
 """
 
@@ -53,7 +55,8 @@ from speechclas.predict import (
     PredictorCache,
     predict_request,
 )
-from speechclas.rundir import RunNotFoundError, find_run
+from speechclas.rundir import RunNotFoundError, served_run
+from speechclas.trainproc import TrainingProcessError, error_message, train_in_process
 
 logger = logging.getLogger(__name__)
 
@@ -71,11 +74,13 @@ class _ProcessState:
         self._models_dir: tuple[tuple[str, int], Path] | None = None
 
     def models_dir(self) -> Path:
+        """Where runs are served from and API trainings write: the operator's
+        ``SPEECHCLAS_MODELS_DIR`` if set, else ``models_dir`` of etc/config.yaml."""
         config_path = default_config_path()
         stamp = (str(config_path), config_path.stat().st_mtime_ns)
         if self._models_dir is None or self._models_dir[0] != stamp:
             self._models_dir = (stamp, load_config(path=config_path).path("models_dir"))
-        return self._models_dir[1]
+        return Limits.from_env().resolved_models_dir(self._models_dir[1])
 
 
 # The module's one piece of mutable state: DEEPaaS runs our functions in worker processes
@@ -137,15 +142,29 @@ def _http_errors():
 
 
 def _served_model() -> dict[str, Any] | None:
-    """Run, labels and audio settings of the model served by default (read from disk)."""
+    """Run served by default, why it is (the operator's pin, models/api or the newest
+    finished run), its labels and audio settings, read from disk. None: no run yet."""
+    pinned = Limits.from_env().run
     try:
-        run = find_run(_state.models_dir())
-        return {"run": run.name, "labels": run.labels(), "settings": run.configuration().get("model_settings", {})}
-    except RunNotFoundError:
-        return None
+        run, reason = served_run(_state.models_dir(), pinned)
+        return {"run": run.name, "reason": reason, "labels": run.labels(),
+                "settings": run.configuration().get("model_settings", {})}  # fmt: skip
+    except RunNotFoundError as exc:
+        return {"run": None, "reason": None, "error": str(exc)} if pinned else None
     except (OSError, ValueError) as exc:
         logger.warning("Cannot describe the served model: %s", exc)
         return None
+
+
+def _run_to_use(requested: str | None) -> str | None:
+    """The run a prediction names, else the operator's pinned one (checked here, so that
+    a pin that cannot be served is a 404 naming the pin), else None: the default."""
+    if requested:
+        return requested
+    pinned = Limits.from_env().run
+    if not pinned:
+        return None
+    return served_run(_state.models_dir(), pinned)[0].name
 
 
 def get_metadata() -> dict[str, Any]:
@@ -168,14 +187,15 @@ def warm() -> None:
     """Load the served model in this worker; without one the service still starts (and can train)."""
     _ensure_worker_logging()
     try:
-        predictor = _state.predictors.get(find_run(_state.models_dir()))
+        run, reason = served_run(_state.models_dir(), Limits.from_env().run)
+        _state.predictors.get(run)
     except RunNotFoundError as exc:
         logger.info("No model to load yet: %s", exc)
         return
     except Exception:
         logger.exception("Could not load the served model; predictions will report the error")
         return
-    logger.info("Serving run %s", predictor.run.name)
+    logger.info("Serving run %s (%s)", run.name, reason)
 
 
 # --- prediction ---------------------------------------------------------------
@@ -306,7 +326,7 @@ def predict(**args) -> dict[str, Any]:
                     _state.models_dir(),
                     Path(upload.filename),
                     archive_name=upload.original_filename,
-                    run=args.get("run"),
+                    run=_run_to_use(args.get("run")),
                     top_k=args.get("top_k", DEFAULT_TOP_K),
                     max_files=limits.max_archive_members,
                     limits=limits,
@@ -318,7 +338,7 @@ def predict(**args) -> dict[str, Any]:
                 file=Path(upload.filename) if upload is not None else None,
                 file_name=upload.original_filename if upload is not None else None,
                 url=args.get("urls"),
-                run=args.get("run"),
+                run=_run_to_use(args.get("run")),
                 top_k=args.get("top_k", DEFAULT_TOP_K),
                 limits=limits,
             )
@@ -388,15 +408,20 @@ def get_train_args() -> dict[str, fields.Field]:
 
 
 def train(**args) -> dict[str, Any]:
-    """Train with the defaults of etc/config.yaml and the given arguments; answers the run's summary."""
-    _ensure_worker_logging()
-    from speechclas.train import train as run_training  # TensorFlow, in the worker only
+    """Train with the defaults of etc/config.yaml and the given arguments in a process of
+    its own (`speechclas.trainproc`), into the served models folder; answers the run's summary.
 
+    If that process is killed (out of memory, kill -9) the status says so and this
+    worker goes on serving; if DEEPaaS kills this worker (cancel), the training dies with it.
+    """
+    _ensure_worker_logging()
     try:
-        config = load_config(args)
+        config = load_config({**args, "models_dir": str(_state.models_dir())})
         logger.info("Training requested through the API with %s", args or "the defaults")
-        return run_training(config, progress=False, limits=Limits.from_env()).summary()
+        return train_in_process(config, Limits.from_env())
+    except TrainingProcessError as exc:
+        logger.error("Training failed: %s", exc)
+        raise TrainingFailed(str(exc)) from None
     except Exception as exc:
         logger.exception("Training failed")
-        message = str(exc) if isinstance(exc, (ValueError, LookupError, OSError)) else f"{type(exc).__name__}: {exc}"
-        raise TrainingFailed(message) from None
+        raise TrainingFailed(error_message(exc)) from None

@@ -13,9 +13,15 @@ import re
 from pathlib import Path
 from typing import Any
 
+from speechclas.limits import setting
+
 TIMESTAMP_FORMAT = "%Y-%m-%d_%H%M%S"
 DONE_MARKER = "DONE"
 API_RUN = "api"
+# Why `served_run` chose a run, as the metadata shows it.
+PINNED_REASON = "pinned"
+API_REASON = "models/api"
+NEWEST_REASON = "newest finished run"
 _RUN_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}_\d{6}(_\d+)?$")
 
 
@@ -135,20 +141,38 @@ def finished_runs(models_dir: Path) -> list[RunDir]:
 
 
 def find_run(models_dir: Path, name: str | None = None) -> RunDir:
-    """The run to serve: the one named, else ``models/api``, else the newest finished."""
-    if name:
-        if name != API_RUN and not _RUN_NAME.match(name):
-            raise RunNotFoundError(f"{name!r} is not a run name (expected YYYY-MM-DD_HHMMSS or 'api')")
-        run = RunDir(models_dir / name)
-        if not run.root.is_dir():
-            raise RunNotFoundError(f"there is no run {name!r}")
-        if not run.is_finished():
-            raise RunNotFoundError(f"run {name!r} did not finish (cancelled, failed or still training)")
-        return run
+    """The run named, else the default one of `served_run` (no pin)."""
+    if not name:
+        return served_run(models_dir)[0]
+    if name != API_RUN and not _RUN_NAME.match(name):
+        raise RunNotFoundError(f"{name!r} is not a run name (expected YYYY-MM-DD_HHMMSS or 'api')")
+    run = RunDir(models_dir / name)
+    if not run.root.is_dir():
+        raise RunNotFoundError(f"there is no run {name!r}")
+    if not run.is_finished():
+        raise RunNotFoundError(f"run {name!r} did not finish (cancelled, failed or still training)")
+    return run
+
+
+def served_run(models_dir: Path, pinned: str = "") -> tuple[RunDir, str]:
+    """The run that answers requests naming none, and why: the operator's pin
+    (`Limits.run`), else ``models/api``, else the newest finished run.
+
+    A pin is never followed by a fallback: if the pinned run cannot be served,
+    RunNotFoundError says so, so the operator sees it instead of another model answering.
+    """
+    if pinned:
+        variable = setting("run").env
+        try:
+            return find_run(models_dir, pinned), f"{PINNED_REASON} by {variable}"
+        except RunNotFoundError as exc:
+            raise RunNotFoundError(
+                f"the served run is pinned by {variable} to {pinned!r}, which cannot be served: {exc}"
+            ) from None
     api = RunDir(models_dir / API_RUN)
     if api.is_finished():
-        return api
+        return api, API_REASON
     runs = finished_runs(models_dir)
     if not runs:
         raise RunNotFoundError("no trained model yet: train one first")
-    return runs[-1]
+    return runs[-1], NEWEST_REASON
