@@ -388,12 +388,15 @@ def get_train_args() -> dict[str, fields.Field]:
 def train(**args) -> dict[str, Any]:
     """Train with the defaults of etc/config.yaml and the given arguments; answers the run's summary."""
     _ensure_worker_logging()
+    from speechclas.limits import Limits
+    from speechclas.tracking import tracker_from_env
     from speechclas.train import train as run_training  # TensorFlow, in the worker only
 
     try:
         config = load_config(args)
         logger.info("Training requested through the API with %s", args or "the defaults")
-        return run_training(config, progress=False).summary()
+        tracker = tracker_from_env(os.environ, Limits.from_env().mlflow_model_name)
+        return run_training(config, progress=False, tracker=tracker).summary()
     except Exception as exc:
         logger.exception("Training failed")
         message = str(exc) if isinstance(exc, (ValueError, LookupError, OSError)) else f"{type(exc).__name__}: {exc}"

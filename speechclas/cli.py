@@ -45,11 +45,14 @@ def train_main(argv: list[str] | None = None) -> int:
 
     from speechclas.archive import ArchiveError
     from speechclas.fetch import FetchError
+    from speechclas.limits import Limits, OperatorSettingError
+    from speechclas.tracking import tracker_from_env
     from speechclas.train import train
 
     try:
-        result = train(config, progress=not args.no_progress and sys.stderr.isatty())
-    except (DataError, ArchiveError, FetchError, FileNotFoundError) as exc:
+        tracker = tracker_from_env(os.environ, Limits.from_env().mlflow_model_name)
+        result = train(config, progress=not args.no_progress and sys.stderr.isatty(), tracker=tracker)
+    except (DataError, ArchiveError, FetchError, FileNotFoundError, OperatorSettingError) as exc:
         logger.error("%s", exc)
         return 2
     except KeyboardInterrupt:
