@@ -27,7 +27,11 @@ setup(
     include_package_data=True,
     package_data={"speechclas": ["web/*"]},
     install_requires=read_requirements("requirements.txt"),
-    extras_require={"test": read_requirements("test-requirements.txt")},
+    extras_require={
+        "test": read_requirements("test-requirements.txt"),
+        # MLflow tracking (MLFLOW_TRACKING_URI): the client only; `mlflow server` needs the full mlflow.
+        "mlflow": ["mlflow-skinny>=3,<4"],
+    },
     entry_points={
         "console_scripts": [
             "speechclas-train=speechclas.cli:train_main",

@@ -47,11 +47,12 @@ def train_main(argv: list[str] | None = None) -> int:
 
     from speechclas.archive import ArchiveError
     from speechclas.fetch import FetchError
-    from speechclas.limits import Limits
+    from speechclas.tracking import tracker_from_env
     from speechclas.train import train
 
     try:
-        result = train(config, progress=not args.no_progress and sys.stderr.isatty(), limits=limits)
+        tracker = tracker_from_env(os.environ, limits.mlflow_model_name)
+        result = train(config, progress=not args.no_progress and sys.stderr.isatty(), limits=limits, tracker=tracker)
     except (DataError, ArchiveError, FetchError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2

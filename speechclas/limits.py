@@ -90,6 +90,9 @@ SETTINGS: tuple[Setting, ...] = (
             "augmented batches, cached evaluation features) (MB).", 1),
     Setting("max_labels", "int", 100, "Wanted words of one training.", 1),
     Setting("max_label_chars", "int", 64, "Characters of one label name.", 1),
+    # --- MLflow tracking (on when MLflow's own MLFLOW_TRACKING_URI is set) ---------------
+    Setting("mlflow_model_name", "str", "speechclas",
+            "Registered model that each MLflow-tracked training adds a version to (its exports)."),
 )
 
 _BY_FIELD = {setting.field: setting for setting in SETTINGS}
@@ -123,6 +126,7 @@ class Limits:
     train_memory_mb: int
     max_labels: int
     max_label_chars: int
+    mlflow_model_name: str
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Limits:

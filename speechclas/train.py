@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from speechclas import architectures, data, datasource, export, metrics, pipeline
+from speechclas import architectures, data, datasource, export, metrics, pipeline, tracking
 from speechclas.config import Config
 from speechclas.features import FeatureSettings, settings_from_config
 from speechclas.limits import Limits
@@ -274,11 +274,14 @@ def train(
     cancel: threading.Event | None = None,
     on_step: Callable[[int, int], None] | None = None,
     limits: Limits | None = None,
+    tracker: tracking.Tracker | None = None,
 ) -> TrainingResult:
     """Train one model as configured; answers the finished run and its metrics.
 
-    `limits` (default: the defaults) bound a ``data_url`` download and the audio of each clip.
+    `limits` (default: the defaults) bound a ``data_url`` download and the audio of each clip;
+    `tracker` records the training elsewhere (MLflow, see speechclas.tracking); none by default.
     """
+    tracker = tracker or tracking.Tracker()
     started = time.monotonic()
     settings = settings_from_config(config)
     limits = limits or Limits.defaults()
@@ -298,13 +301,20 @@ def train(
         run.labels_path.write_text("".join(f"{label}\n" for label in index.labels))
         data.write_split_lists(index, run.dataset_files)
         datasource.write_record(run, source, index.splits_dir)
-        result = _train_in_run(config, settings, prepared, run, start_checkpoint, progress, cancel, on_step, started)
+        tracker.start(run, config)
+        try:
+            result = _train_in_run(config, settings, prepared, run, start_checkpoint, progress, cancel, on_step,
+                                   started, tracker)
+        except BaseException as exc:
+            tracker.end("KILLED" if isinstance(exc, (TrainingCancelled, KeyboardInterrupt)) else "FAILED")
+            raise
         run.mark_finished()
+        tracker.finish(run)
         logger.info("Run %s finished: test accuracy %.3f", run.name, result.metrics["testing"]["accuracy"])
     return result
 
 
-def _train_in_run(config, settings, prepared, run, start_checkpoint, progress, cancel, on_step, started):
+def _train_in_run(config, settings, prepared, run, start_checkpoint, progress, cancel, on_step, started, tracker):
     tf.random.set_seed(config.random_seed)
     index = prepared.index
     labels = list(index.labels)
@@ -368,6 +378,7 @@ def _train_in_run(config, settings, prepared, run, start_checkpoint, progress, c
             history.append({"step": done, "validation_accuracy": validation["accuracy"],
                             "train_batch_accuracy": float(np.mean(window_accuracy)),
                             "train_loss": float(np.mean(window_loss))})
+            tracker.log_evaluation(history[-1])
             logger.info(
                 "Step %d/%d: %.1f steps/s, train accuracy %.3f, loss %.3f, validation accuracy %.3f (N=%d)",
                 done, total_steps, len(window_loss) / max(elapsed, 1e-9), np.mean(window_accuracy),
