@@ -146,6 +146,14 @@ def _vet_host(url: str, original: str, host: str, port: int) -> None:
             )
 
 
+def check_url_allowed(url: str, allow_private: bool) -> None:
+    """Refuse now, before any download starts, a URL that `fetch_url` would refuse for
+    its scheme or its host's addresses (a training's data_url is checked when requested)."""
+    host, port = _host_and_port(url, url)
+    if not allow_private:
+        _vet_host(url, url, host, port)
+
+
 def _check_socket_peer(sock: socket.socket) -> None:
     """Refuse a freshly opened connection whose peer is not a public address.
 

@@ -23,9 +23,10 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from speechclas import architectures, data, export, metrics, pipeline
+from speechclas import architectures, confine, data, export, metrics, pipeline
 from speechclas.config import Config, project_dir
 from speechclas.features import FeatureSettings, settings_from_config
+from speechclas.limits import Limits
 from speechclas.rundir import RunDir, create_run_dir
 
 logger = logging.getLogger(__name__)
@@ -256,11 +257,18 @@ def train(
     progress: bool = True,
     cancel: threading.Event | None = None,
     on_step: Callable[[int, int], None] | None = None,
+    limits: Limits | None = None,
 ) -> TrainingResult:
-    """Train one model as configured; answers the finished run and its metrics."""
+    """Train one model as configured; answers the finished run and its metrics.
+
+    `limits`: the operator's bounds of a training requested through the API
+    (None from the CLI); its clips must fit the memory budget.
+    """
     started = time.monotonic()
     settings = settings_from_config(config)
     data_dir = resolve_data_dir(config, base_dir)
+    if limits is not None:  # a data_url's clips are known only now, before they are loaded
+        confine.check_memory(config, settings, data_dir, config.path("data_splits_dir", base_dir), limits)
     prepared = prepare_data(config, settings, data_dir, config.path("data_splits_dir", base_dir))
     index = prepared.index
     start_checkpoint = _resolve_checkpoint(config.start_checkpoint) if config.start_checkpoint else None
