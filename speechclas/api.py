@@ -46,7 +46,9 @@ from speechclas.config import (
     default_config_path,
     load_config,
     load_param_specs,
+    project_dir,
 )
+from speechclas.confine import OPERATOR_PARAMETERS, api_training_config, check_api_training, check_argument
 from speechclas.fetch import FetchError
 from speechclas.limits import Limits
 from speechclas.predict import (
@@ -357,10 +359,12 @@ _SWAGGER_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": 
 class ConfigArgument(fields.Field):
     """One etc/config.yaml parameter as a train argument.
 
-    Values are converted by `config.coerce_value`, so the API refuses exactly
-    what the CLI refuses, with messages that name the parameter. The first
-    argument given also checks the rules that tie parameters together (as
-    many learning rates as stages...), so those are refused before dispatch too.
+    Values are converted by `config.coerce_value`, so the API refuses what
+    the CLI refuses, and held to the operator's bounds on API trainings
+    (`speechclas.confine`), with messages that name the parameter. Once every
+    value is good, the first argument given also checks the rules over
+    several parameters (as many learning rates as stages, feature size,
+    memory), so those are refused before dispatch too.
     """
 
     def __init__(self, spec: ParamSpec, specs: dict[str, ParamSpec]):
@@ -381,6 +385,7 @@ class ConfigArgument(fields.Field):
     def _deserialize(self, value, attr, data, **kwargs):
         try:
             converted = coerce_value(self.spec, value)
+            check_argument(self.spec.name, converted, Limits.from_env(), project_dir())
         except ConfigError as exc:
             raise ValidationError(str(exc)) from None
         given = [name for name in self.specs if name in data]
@@ -390,21 +395,36 @@ class ConfigArgument(fields.Field):
 
 
 def _check_together(data, specs: dict[str, ParamSpec]) -> None:
+    """The rules over several parameters (stages, feature size, memory), reported with the first argument."""
+    limits, base_dir = Limits.from_env(), project_dir()
     valid = {}
     for name, raw in data.items():
         if name not in specs:
             continue
-        with contextlib.suppress(ConfigError):  # a bad single value is reported by its own field
+        try:
             valid[name] = coerce_value(specs[name], raw)
+            check_argument(name, valid[name], limits, base_dir)
+        except ConfigError:  # reported by its own field; the others are judged once every value is good
+            return
     try:
-        load_config(valid, specs=specs)
+        check_api_training(load_config(valid, specs=specs), limits, base_dir, checked=valid.keys())
     except ConfigError as exc:
         raise ValidationError(str(exc)) from None
 
 
 def get_train_args() -> dict[str, fields.Field]:
+    """Every parameter of etc/config.yaml but the operator's (`confine.OPERATOR_PARAMETERS`).
+
+    Those are declared dump-only: Swagger does not offer them, and one sent
+    anyway is refused with a 422 ("Unknown field.") where webargs would
+    silently drop an undeclared name and start the training.
+    """
     specs = load_param_specs()
-    return {name: ConfigArgument(spec, specs) for name, spec in specs.items()}
+    args: dict[str, fields.Field] = {
+        name: ConfigArgument(spec, specs) for name, spec in specs.items() if name not in OPERATOR_PARAMETERS
+    }
+    args.update({name: fields.Raw(dump_only=True) for name in OPERATOR_PARAMETERS})
+    return args
 
 
 def train(**args) -> dict[str, Any]:
@@ -416,9 +436,10 @@ def train(**args) -> dict[str, Any]:
     """
     _ensure_worker_logging()
     try:
-        config = load_config({**args, "models_dir": str(_state.models_dir())})
+        limits = Limits.from_env()
+        config = api_training_config(load_config(args), limits, project_dir())  # checked again, in the worker
         logger.info("Training requested through the API with %s", args or "the defaults")
-        return train_in_process(config, Limits.from_env())
+        return train_in_process(config, limits)
     except TrainingProcessError as exc:
         logger.error("Training failed: %s", exc)
         raise TrainingFailed(str(exc)) from None

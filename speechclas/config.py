@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+import unicodedata
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +255,36 @@ def _check_bounds(spec: ParamSpec, value: Any) -> None:
             )
 
 
+LABEL_PUNCTUATION = "_-."
+
+
+def check_label_names(words: Sequence[str]) -> None:
+    """Wanted words name data folders and become the lines of a run's labels.txt,
+    so each must be one plain folder name: letters of any script, digits, '_',
+    '-' and '.'; not starting with '_' (the reserved _silence_ and _unknown_)
+    or '.' (hidden folders are never indexed); each word once."""
+    name = "parameter 'wanted_words'"
+    for word in words:
+        if not word:
+            raise ConfigError(f"{name} holds an empty word")
+        odd = [char for char in word if unicodedata.category(char)[0] not in "LMN" and char not in LABEL_PUNCTUATION]
+        if odd:
+            raise ConfigError(
+                f"{name}: {word!r} contains {ascii(''.join(dict.fromkeys(odd)))}; a label may hold only "
+                f"letters, digits and {' '.join(LABEL_PUNCTUATION)}"
+            )
+        if word.startswith("_"):
+            raise ConfigError(f"{name}: {word!r} starts with '_', kept for the reserved labels _silence_ and _unknown_")
+        if word.startswith("."):
+            raise ConfigError(f"{name}: {word!r} starts with '.'; folders named so are hidden and never indexed")
+    if len(set(words)) != len(words):
+        raise ConfigError(f"{name} lists a word twice")
+
+
+# Rules of one parameter beyond its type, choices and range.
+_VALUE_RULES: dict[str, Callable[[Any], None]] = {"wanted_words": check_label_names}
+
+
 def coerce_value(spec: ParamSpec, value: Any) -> Any:
     """Convert a raw value (YAML, JSON or a CLI/form string) and validate it.
 
@@ -272,9 +303,11 @@ def coerce_value(spec: ParamSpec, value: Any) -> Any:
         result = tuple(_coerce_scalar(spec, item_kind, item) for item in items)
         for item in result:
             _check_bounds(spec, item)
-        return result
-    result = _coerce_scalar(spec, spec.type, value)
-    _check_bounds(spec, result)
+    else:
+        result = _coerce_scalar(spec, spec.type, value)
+        _check_bounds(spec, result)
+    if spec.name in _VALUE_RULES:
+        _VALUE_RULES[spec.name](result)
     return result
 
 
@@ -292,12 +325,6 @@ def _check_consistency(values: Mapping[str, Any]) -> None:
         raise ConfigError(
             "parameters 'validation_percentage' + 'testing_percentage' must leave speakers for training"
         )
-    words = values["wanted_words"]
-    if len(set(words)) != len(words):
-        raise ConfigError("parameter 'wanted_words' lists a word twice")
-    reserved = {w for w in words if w.startswith("_")}
-    if reserved:
-        raise ConfigError(f"parameter 'wanted_words' may not name reserved labels {sorted(reserved)}")
 
 
 def load_config(

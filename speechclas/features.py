@@ -2,14 +2,19 @@
 
 The same `compute_features` runs in the training pipeline and inside every
 exported model, so a deployed model sees exactly what training saw.
+The sizes (`feature_settings`) are plain arithmetic and import no
+TensorFlow, so DEEPaaS's main process can check a training's sizes before
+handing it to a worker.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import TYPE_CHECKING
 
-import tensorflow as tf
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +96,8 @@ def compute_features(audio: tf.Tensor, settings: FeatureSettings) -> tf.Tensor:
     AudioSpectrogram takes [samples, channels]; the batch is passed as the
     channels, so one op call covers the whole batch.
     """
+    import tensorflow as tf  # here, not at the top: the sizes above need no TensorFlow
+
     channels_last = tf.transpose(audio)
     spectrogram = tf.raw_ops.AudioSpectrogram(
         input=channels_last,

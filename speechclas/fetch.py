@@ -245,6 +245,14 @@ def _vet_host(where: str, host: str, port: int) -> None:
             )
 
 
+def check_url_allowed(url: str, allow_private: bool) -> None:
+    """Refuse now, before any download starts, a URL that `fetch_url` would refuse for
+    its scheme or its host's addresses (a training's data_url is checked when requested)."""
+    _sent, host, port = normalise_url(url)
+    if not allow_private:
+        _vet_host(redact_url(url), host, port)
+
+
 def _check_socket_peer(sock: socket.socket) -> None:
     """Refuse a freshly opened connection whose peer is not a public address.
 

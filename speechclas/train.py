@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from speechclas import architectures, data, datasource, export, metrics, pipeline, tracking
+from speechclas import architectures, confine, data, datasource, export, metrics, pipeline, tracking
 from speechclas.config import Config
 from speechclas.features import FeatureSettings, settings_from_config
 from speechclas.limits import Limits
@@ -275,11 +275,14 @@ def train(
     on_step: Callable[[int, int], None] | None = None,
     limits: Limits | None = None,
     tracker: tracking.Tracker | None = None,
+    confined: bool = False,
 ) -> TrainingResult:
     """Train one model as configured; answers the finished run and its metrics.
 
     `limits` (default: the defaults) bound a ``data_url`` download and the audio of each clip;
     `tracker` records the training elsewhere (MLflow, see speechclas.tracking); none by default.
+    `confined` (a training requested through the API): its clips must also fit the operator's
+    memory budget, checked once the data folder is known and before any clip is loaded.
     """
     tracker = tracker or tracking.Tracker()
     started = time.monotonic()
@@ -287,7 +290,10 @@ def train(
     limits = limits or Limits.defaults()
     with datasource.open_data_dir(config, base_dir, limits) as source:
         data_dir = source.data_dir
-        prepared = prepare_data(config, settings, data_dir, config.path("data_splits_dir", base_dir), limits)
+        splits_dir = config.path("data_splits_dir", base_dir)
+        if confined:  # a data_url's clips are known only now
+            confine.check_memory(config, settings, data_dir, splits_dir, limits)
+        prepared = prepare_data(config, settings, data_dir, splits_dir, limits)
     index = prepared.index
     start_checkpoint = _resolve_checkpoint(config.start_checkpoint) if config.start_checkpoint else None
 

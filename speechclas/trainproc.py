@@ -131,13 +131,13 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 def train_summary(config: Config, limits: Limits) -> dict[str, Any]:
-    """Train as configured within the operator's `limits` and answer the run's summary
+    """Train as an API training, within the operator's `limits`, and answer the run's summary
     (the work of a training process)."""
     from speechclas.tracking import tracker_from_env
     from speechclas.train import train  # TensorFlow, in the training process only
 
     tracker = tracker_from_env(os.environ, limits.mlflow_model_name)
-    return train(config, progress=False, limits=limits, tracker=tracker).summary()
+    return train(config, progress=False, limits=limits, tracker=tracker, confined=True).summary()
 
 
 def train_in_process(config: Config, limits: Limits) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
+import shutil
 import time
 
 import aiohttp
@@ -41,7 +42,9 @@ MAX_BYTES = 1_000_000  # SPEECHCLAS_MAX_AUDIO_BYTES of this app, small so "too l
 
 @pytest.fixture(scope="module")
 def project_home(tmp_path_factory, trained_run):
-    return make_project_home(tmp_path_factory.mktemp("home"), [trained_run])
+    home = make_project_home(tmp_path_factory.mktemp("home"), [trained_run])
+    shutil.copytree(DEMO_DATA, home / "data" / "demo")  # API trainings read inside data/ only
+    return home
 
 
 def _deepaas_worker_pools():
@@ -297,6 +300,80 @@ async def test_wrong_training_argument_answers_422_before_any_work(client, case)
     assert await (await client.get(TRAIN)).json() == []  # nothing was started
 
 
+# Trainings through the API are confined (speechclas.confine): each case of issue 8, on top of a
+# legitimate tiny training, gets a 422 under the argument's name. "*": a rule over several
+# parameters, reported with the first argument and naming them in its message.
+TINY = {
+    "data_dir": "data/demo",
+    **{name: str(value) for name, value in tiny_training_overrides(DEMO_DATA, DEMO_DATA).items()
+       if name not in ("data_dir", "models_dir")},
+}  # fmt: skip
+CONFINED = {
+    "models_dir": ({"models_dir": "/tmp/anything"}, "models_dir", "Unknown field"),
+    "data_dir-absolute": ({"data_dir": "/etc"}, "data_dir", "data_dir='/etc' is outside"),
+    "data_dir-dotdot": ({"data_dir": "data/../../etc"}, "data_dir", "SPEECHCLAS_TRAIN_ROOTS"),
+    "data_dir-link-out": ({"data_dir": "data/outside"}, "data_dir", "data_dir='data/outside' is outside"),
+    "data_splits_dir": ({"data_splits_dir": "/etc"}, "data_splits_dir", "data_splits_dir='/etc' is outside"),
+    "start_checkpoint": ({"start_checkpoint": "/etc/passwd"}, "start_checkpoint", "start_checkpoint='/etc/passwd'"),
+    "data_url-loopback": ({"data_url": "http://127.0.0.1/x.tgz"}, "data_url", "loopback"),
+    "data_url-localhost": ({"data_url": "http://localhost/"}, "data_url", "loopback"),
+    "data_url-metadata": ({"data_url": "http://169.254.169.254/"}, "data_url", "link-local"),
+    "data_url-file": ({"data_url": "file:///etc/passwd"}, "data_url", "only http:// and https://"),
+    "clip-duration": ({"clip_duration_ms": "10000", "sample_rate": "48000", "window_size_ms": "1",
+                       "window_stride_ms": "1"}, "clip_duration_ms", "SPEECHCLAS_MAX_CLIP_DURATION_MS"),
+    "feature-cells": ({"clip_duration_ms": "3000", "sample_rate": "48000", "window_size_ms": "1",
+                       "window_stride_ms": "1"}, "*", "from clip_duration_ms=3000, sample_rate=48000"),
+    "label-newline": ({"wanted_words": "yes,n\no"}, "wanted_words", "contains '\\n'"),
+    "label-slash": ({"wanted_words": "yes,../models"}, "wanted_words", "contains '/'"),
+    "label-dotdot": ({"wanted_words": "yes,.."}, "wanted_words", "starts with '.'"),
+    "labels-too-many": ({"wanted_words": ",".join(f"w{n}" for n in range(101))}, "wanted_words",
+                        "SPEECHCLAS_MAX_LABELS"),
+    "label-too-long": ({"wanted_words": "yes," + "x" * 65}, "wanted_words", "SPEECHCLAS_MAX_LABEL_CHARS"),
+    "steps": ({"how_many_training_steps": "50001", "learning_rate": "0.001"}, "how_many_training_steps",
+              "SPEECHCLAS_MAX_TRAIN_STEPS"),
+    "batch": ({"batch_size": "2000"}, "batch_size", "batch_size=2000 is above this server's limit of 1024"),
+}  # fmt: skip
+
+
+@pytest.fixture
+def link_out_of_data(project_home, tmp_path):
+    """data/outside: a link inside the training roots to a folder outside them."""
+    (tmp_path / "yes").mkdir()
+    link = project_home / "data" / "outside"
+    link.symlink_to(tmp_path, target_is_directory=True)
+    yield
+    link.unlink()
+
+
+@pytest.mark.parametrize("case", CONFINED, ids=list(CONFINED))
+async def test_a_confined_training_argument_answers_422_naming_it(client, case, link_out_of_data, monkeypatch):
+    monkeypatch.delenv("SPEECHCLAS_ALLOW_PRIVATE_URLS")  # this app's predict tests allow them; trainings may not
+    params, field, message = CONFINED[case]
+    response = await client.post(TRAIN, params={**TINY, **params})
+    body = await response.json()
+    assert response.status == 422, body
+    if field == "*":
+        assert len(body) == 1 and message in next(iter(body.values()))[0], body
+    else:
+        assert list(body) == [field] and message in body[field][0], body
+    assert await (await client.get(TRAIN)).json() == []  # nothing was started
+
+
+async def test_swagger_does_not_offer_models_dir(client):
+    spec = await (await client.get("/swagger.json")).json()
+    names = {parameter["name"] for parameter in spec["paths"][TRAIN]["post"]["parameters"]}
+    assert "data_dir" in names and "models_dir" not in names
+
+
+async def test_a_training_over_the_memory_budget_answers_422(client, monkeypatch):
+    monkeypatch.setenv("SPEECHCLAS_TRAIN_MEMORY_MB", "500")  # read by the validation, in this process
+    response = await client.post(TRAIN, params=TINY)
+    body = await response.json()
+    assert response.status == 422, body
+    assert len(body) == 1 and "above this server's budget of 500 MB (SPEECHCLAS_TRAIN_MEMORY_MB)" in str(body)
+    assert await (await client.get(TRAIN)).json() == []
+
+
 async def wait_for_training(client, uuid: str, timeout_s: float = 180) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -307,9 +384,9 @@ async def wait_for_training(client, uuid: str, timeout_s: float = 180) -> dict:
     raise AssertionError(f"training {uuid} still running after {timeout_s} s")
 
 
-async def test_failing_training_reports_why_and_keeps_the_models(client, project_home, tmp_path):
+async def test_failing_training_reports_why_and_keeps_the_models(client, project_home):
     before = sorted(p.name for p in (project_home / "models").iterdir())
-    response = await client.post(TRAIN, params={"data_dir": str(tmp_path / "nowhere")})
+    response = await client.post(TRAIN, params={"data_dir": "data/nowhere"})
     assert response.status == 200
     status = await wait_for_training(client, (await response.json())["uuid"])
     assert status["status"] == "error"
@@ -318,9 +395,7 @@ async def test_failing_training_reports_why_and_keeps_the_models(client, project
 
 
 async def test_training_through_the_api_then_predicting_with_the_new_run(client, project_home, trained_run):
-    params = tiny_training_overrides(DEMO_DATA, project_home / "models")
-    del params["models_dir"]  # the configured one, where predictions look
-    response = await client.post(TRAIN, params={name: str(value) for name, value in params.items()})
+    response = await client.post(TRAIN, params=TINY)  # models_dir: the operator's, where predictions look
     started = await response.json()
     assert response.status == 200 and started["status"] == "running"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, trained_run):
     home = make_project_home(tmp_path_factory.mktemp("deepaas-home"), [trained_run])
+    shutil.copytree(DEMO_DATA, home / "data" / "demo")  # API trainings read inside data/ only
     tmp = home / "tmp"
     tmp.mkdir()
     log = home / "deepaas.log"
@@ -106,8 +108,8 @@ def test_bad_input_gets_its_4xx_and_the_workers_keep_serving(server):
 
 
 def test_with_two_workers_a_training_does_not_block_predictions_and_can_be_cancelled(server, trained_run):
-    params = {"data_dir": str(DEMO_DATA), "model_architecture": "tiny_conv",
-              "how_many_training_steps": "100000", "learning_rate": "0.001"}  # fmt: skip
+    params = {"data_dir": "data/demo", "model_architecture": "tiny_conv",
+              "how_many_training_steps": "50000", "learning_rate": "0.001"}  # fmt: skip
     started = requests.post(server.url + TRAIN, params=params, timeout=10).json()
     assert started["status"] == "running"
     uuid = started["uuid"]
