@@ -19,9 +19,12 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from speechclas.config import Config
@@ -54,10 +57,15 @@ def run_in_process(function: Callable[..., Any], *args: Any, what: str = "traini
     thread, not its process: call this from a thread that lives as long as the
     work (a DEEPaaS worker runs ``train`` in its main thread).
     """
+    _remove_orphaned_temp_dirs(what)
+    # The child's temp files (TensorFlow's autograph writes some) go to a folder of its own,
+    # removed when it ends however it ends; one left by a killed worker is removed next time.
+    temp_dir = tempfile.mkdtemp(prefix=f"speechclas-{what}-{os.getpid()}-")
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(
-        target=_child_main, args=(sender, os.getpid(), function, args), name=f"speechclas-{what}", daemon=False
+        target=_child_main, args=(sender, os.getpid(), temp_dir, function, args), name=f"speechclas-{what}",
+        daemon=False,
     )
     process.start()
     sender.close()  # the child holds the only writing end: reading hits EOF once it is gone
@@ -78,6 +86,7 @@ def run_in_process(function: Callable[..., Any], *args: Any, what: str = "traini
         raise
     finally:
         receiver.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
     if outcome is None:
         message = _death_message(what, process.exitcode)
         logger.error("Process %d: %s", process.pid, message)
@@ -100,8 +109,28 @@ def _death_message(what: str, exitcode: int | None) -> str:
     return f"the {what} process crashed: it ended with exit code {exitcode} and no result. {_UNFINISHED}"
 
 
-def _child_main(sender, parent_pid: int, function: Callable[..., Any], args: tuple) -> None:
+def _remove_orphaned_temp_dirs(what: str) -> None:
+    """Temp folders of children whose parent (a worker killed by a cancel) is gone."""
+    for folder in Path(tempfile.gettempdir()).glob(f"speechclas-{what}-*-*"):
+        pid = folder.name.split("-")[2]
+        if pid.isdigit() and not _is_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _child_main(sender, parent_pid: int, temp_dir: str, function: Callable[..., Any], args: tuple) -> None:
     _die_with_parent(parent_pid)
+    os.environ["TMPDIR"] = temp_dir
+    tempfile.tempdir = temp_dir
     if not logging.getLogger().handlers:  # a spawned process starts with no logging configured
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -33,6 +33,15 @@ HANG_S = 60  # a generous bound: a process or answer later than this is a hang, 
 # --- children for run_in_process: module-level, so a spawned process can import them --------
 
 
+def _write_a_temp_file():
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(delete=False) as handle:
+        handle.write(b"left behind")
+    return handle.name
+
+
+
 def _pid_and_parent() -> tuple[int, int]:
     return os.getpid(), os.getppid()
 
@@ -387,3 +396,12 @@ def test_a_cancelled_training_leaves_no_process_and_no_served_run(server, traine
     served = requests.get(server.url + MODEL, timeout=10).json()["model"]["run"]
     response = predict_upload(server, timeout_s=60)  # a fresh worker: it loads the model first
     assert response.status_code == 200 and response.json()["run"] == served != cancelled_run.name
+
+
+def test_the_childs_temp_files_are_removed_when_it_ends(tmp_path, monkeypatch):
+    """TensorFlow leaves autograph files in the temp folder; a training's are its own and go with it."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    left = Path(run_in_process(_write_a_temp_file, what="test"))
+    assert left.parent.parent == tmp_path and left.parent.name.startswith("speechclas-test-")
+    assert not left.exists() and list(tmp_path.iterdir()) == []
