@@ -47,10 +47,11 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     # --- prediction requests -------------------------------------------------------------
     Setting("max_audio_bytes", "int", 16 * MiB,
-            "Size of one uploaded or downloaded audio file or archive (bytes). The HTTP body limit "
-            "(`deepaas-run --client-max-size`) is derived from it.", 1),
+            "Size of one uploaded or downloaded audio file or archive (bytes). `speechclas-serve` derives "
+            "the HTTP body limit (`deepaas-run --client-max-size`) and speechclas-web its own from it.", 1),
     Setting("max_audio_seconds", "float", 60.0,
-            "Duration of one clip to predict, read from its header before decoding (s).", 0.01),
+            "Duration of one audio file (a clip to predict, a training clip, an archive member), read "
+            "from its header before decoding and enforced while decoding (s).", 0.01),
     Setting("max_channels", "int", 8, "Channels of one audio file (prediction and training clips).", 1),
     Setting("min_sample_rate", "int", 1000, "Lowest sample rate accepted in an audio header (Hz).", 1),
     Setting("max_sample_rate", "int", 384000, "Highest sample rate accepted in an audio header (Hz).", 1),
