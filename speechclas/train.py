@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from speechclas import architectures, data, export, metrics, pipeline
+from speechclas import architectures, data, export, export_accuracy, metrics, pipeline
 from speechclas.config import Config, project_dir
 from speechclas.features import FeatureSettings, settings_from_config
 from speechclas.rundir import RunDir, create_run_dir
@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 SUMMARY_EVERY_STEPS = 10
 EVAL_BATCH_SIZE = 256
+# Training examples (augmented, as the model saw them) that calibrate the int8 export.
+REPRESENTATIVE_EXAMPLES = 300
 
 
 class TrainingCancelled(Exception):
@@ -192,6 +194,17 @@ def predict_logits(model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndar
     if not logits:
         return np.zeros((0, model.output_shape[-1]), np.float32), np.zeros((0,), np.int32)
     return np.concatenate(logits), np.concatenate(labels)
+
+
+def representative_features(batches, count: int) -> np.ndarray:
+    """`count` training features from the pipeline's batches (words, unknown
+    words, silence and noise mixed as in training), to calibrate int8."""
+    taken, total = [], 0
+    while total < count:
+        features, _ = next(batches)
+        taken.append(features.numpy())
+        total += len(taken[-1])
+    return np.concatenate(taken)[:count]
 
 
 def _resolve_checkpoint(path: str) -> str:
@@ -364,7 +377,9 @@ def _train_in_run(config, settings, prepared, run, start_checkpoint, progress, c
                 results["training"]["accuracy"], results["validation"]["accuracy"], results["testing"]["accuracy"])
     logger.info("Test confusion matrix (%s):\n%s", labels, _matrix_text(results["testing"]["confusion_matrix"]))
 
-    exports = export.export_all(export.InferenceModule(model, settings), run.ckpts)
+    calibration = representative_features(batches, REPRESENTATIVE_EXAMPLES)
+    exports = export.export_all(export.InferenceModule(model, settings), run, calibration)
+    exports_accuracy = export_accuracy.export_accuracies(run, settings, *prepared.evaluation["testing"])
     run_metrics = {
         "run": run.name,
         "labels": labels,
@@ -373,6 +388,7 @@ def _train_in_run(config, settings, prepared, run, start_checkpoint, progress, c
         "steps": int(global_step.numpy()),
         "duration_s": round(time.monotonic() - started, 1),
         **results,
+        "exports": exports_accuracy,
         "history": history,
     }
     run.metrics_path.write_text(json.dumps(run_metrics, indent=2))
