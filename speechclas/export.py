@@ -56,8 +56,7 @@ class InferenceModule(tf.Module):
         )
 
     def _probabilities(self, audio: tf.Tensor) -> tf.Tensor:
-        logits = self.model(compute_features(audio, self.settings), training=False)
-        return tf.nn.softmax(logits, name=SOFTMAX_OUTPUT)
+        return self._from_features(compute_features(audio, self.settings))[SOFTMAX_OUTPUT]
 
     def _from_features(self, features):
         """[batch, time, features, 1] as compute_features makes them to probabilities."""
