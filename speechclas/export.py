@@ -1,23 +1,35 @@
-"""Inference functions (audio in, softmax out) and their exports.
+"""Inference functions (audio in, softmax out), their exports, and model.json.
 
-Feature extraction is inside every export, so a deployed model takes raw
-audio: the frozen ``model.pb`` takes a whole wav file's bytes as
+Feature extraction is inside the exports for servers and phones, so they take
+raw audio: the frozen ``model.pb`` takes a whole wav file's bytes as
 ``wav_data:0`` (or decoded samples as ``decoded_sample_data:0``) and answers
 ``labels_softmax:0``, as TF's label_wav.py and the Android demo expect; the
-TFLite model takes one clip of float samples; the SavedModel serves both.
+float TFLite model takes one clip of float samples; the SavedModel serves
+both, and features. ``model_int8.tflite``, for microcontrollers, takes int8
+features (a device computes them with its own frontend) and answers int8
+probabilities. ``model.json`` describes them all, as the converters and the
+interpreter report them, with the feature settings and labels.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
+from ai_edge_litert.interpreter import Interpreter
+from tensorflow.lite.experimental.microfrontend.python.ops import (  # noqa: F401
+    audio_microfrontend_op,  # registers AudioMicrofrontend: loading a preprocess=micro SavedModel or model.pb needs it
+)
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-from speechclas.features import FeatureSettings, compute_features
+from speechclas.features import MICRO_FEATURE_SCALE, FeatureSettings, compute_features, micro_frontend_options
+from speechclas.rundir import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +37,8 @@ WAV_INPUT = "wav_data"
 DECODED_INPUT = "decoded_sample_data"
 SOFTMAX_OUTPUT = "labels_softmax"
 AUDIO_SIGNATURE = "audio"
+FEATURES_SIGNATURE = "features"
+MODEL_JSON_FORMAT = 1
 
 
 class InferenceModule(tf.Module):
@@ -39,10 +53,17 @@ class InferenceModule(tf.Module):
             self._from_audio, input_signature=[tf.TensorSpec([None, samples], tf.float32, name="audio")]
         )
         self.from_wav = tf.function(self._from_wav, input_signature=[tf.TensorSpec([], tf.string, name=WAV_INPUT)])
+        self.from_features = tf.function(
+            self._from_features,
+            input_signature=[tf.TensorSpec([None, *settings.input_shape], tf.float32, name=FEATURES_SIGNATURE)],
+        )
 
     def _probabilities(self, audio: tf.Tensor) -> tf.Tensor:
-        logits = self.model(compute_features(audio, self.settings), training=False)
-        return tf.nn.softmax(logits, name=SOFTMAX_OUTPUT)
+        return self._from_features(compute_features(audio, self.settings))[SOFTMAX_OUTPUT]
+
+    def _from_features(self, features):
+        """[batch, time, features, 1] as compute_features makes them to probabilities."""
+        return {SOFTMAX_OUTPUT: tf.nn.softmax(self.model(features, training=False), name=SOFTMAX_OUTPUT)}
 
     def _from_audio(self, audio):
         """[batch, desired_samples] float samples in [-1, 1] to probabilities."""
@@ -65,13 +86,15 @@ class InferenceModule(tf.Module):
 
 
 def export_saved_model(module: InferenceModule, out_dir: Path) -> None:
-    """SavedModel for TF Serving: serving_default takes wav bytes, `audio` float samples."""
+    """SavedModel for TF Serving: serving_default takes wav bytes, `audio`
+    float samples, `features` what compute_features makes."""
     tf.saved_model.save(
         module,
         str(out_dir),
         signatures={
             "serving_default": module.from_wav.get_concrete_function(),
             AUDIO_SIGNATURE: module.from_audio.get_concrete_function(),
+            FEATURES_SIGNATURE: module.from_features.get_concrete_function(),
         },
     )
 
@@ -91,35 +114,185 @@ def export_frozen_graph(module: InferenceModule, path: Path) -> None:
     path.write_bytes(frozen_graph_def(module).SerializeToString())
 
 
-def export_tflite(module: InferenceModule, path: Path) -> None:
-    """TFLite model taking one clip of float samples [1, desired_samples].
+def tflite_takes_features(settings: FeatureSettings) -> bool:
+    """Whether model.tflite takes features rather than samples (preprocess=micro).
 
-    The function is frozen first (the converter would otherwise keep the
-    weights as resource variables that the runtime does not initialise).
-    AudioSpectrogram and Mfcc become TFLite custom ops that the standard op
-    resolver (tf.lite.Interpreter, the Android and C++ runtimes) registers.
+    The converter cannot place the micro frontend in a model LiteRT runs:
+    AudioMicrofrontend is neither a TFLite builtin, nor a custom op that
+    LiteRT's op resolver registers, nor a select-TF (flex) op.
     """
-    concrete = tf.function(module._from_audio).get_concrete_function(
-        tf.TensorSpec([1, module.settings.desired_samples], tf.float32, name="audio")
-    )
-    frozen = convert_variables_to_constants_v2(concrete)
+    return settings.preprocess == "micro"
+
+
+def _one_example_function(module: InferenceModule, takes_features: bool):
+    """The probabilities function for one example, variables frozen (the
+    converter would otherwise keep resource variables the runtime does not
+    initialise)."""
+    if takes_features:
+        spec = tf.TensorSpec([1, *module.settings.input_shape], tf.float32, name=FEATURES_SIGNATURE)
+        function = module._from_features
+    else:
+        spec = tf.TensorSpec([1, module.settings.desired_samples], tf.float32, name=AUDIO_SIGNATURE)
+        function = module._from_audio
+    return convert_variables_to_constants_v2(tf.function(function).get_concrete_function(spec))
+
+
+def export_tflite(module: InferenceModule, path: Path) -> None:
+    """Float TFLite model taking one clip of float samples [1, desired_samples]
+    (with preprocess=micro, features: see tflite_takes_features).
+
+    AudioSpectrogram and Mfcc become TFLite custom ops that the standard op
+    resolver (LiteRT's Interpreter, the Android and C++ runtimes) registers.
+    """
+    frozen = _one_example_function(module, tflite_takes_features(module.settings))
     converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen], module)
     converter.allow_custom_ops = True
     path.write_bytes(converter.convert())
 
 
-def export_all(module: InferenceModule, ckpts_dir: Path) -> dict[str, str]:
-    """Write every export into ckpts/; answers their paths."""
+def export_int8_tflite(module: InferenceModule, path: Path, representative_features: np.ndarray) -> None:
+    """Full-integer TFLite model for microcontrollers: int8 features in
+    [1, time, features, 1], int8 softmax probabilities out.
+
+    Activations are calibrated on `representative_features` (training
+    features, as compute_features makes them); only int8 builtin ops are
+    allowed, so the conversion fails rather than leave a float op behind.
+    """
+    if len(representative_features) == 0:
+        raise ValueError("the int8 export needs representative features to calibrate on")
+    frozen = _one_example_function(module, takes_features=True)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen], module)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: _calibration_examples(representative_features)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+    path.write_bytes(converter.convert())
+
+
+def _calibration_examples(features: np.ndarray) -> Iterable[list[np.ndarray]]:
+    for example in features:
+        yield [example[None].astype(np.float32)]
+
+
+def export_all(module: InferenceModule, run: RunDir, representative_features: np.ndarray) -> dict[str, str]:
+    """Write every export and model.json into the run's ckpts/; answers their paths."""
     paths = {
-        "saved_model": ckpts_dir / "saved_model",
-        "frozen_graph": ckpts_dir / "model.pb",
-        "tflite": ckpts_dir / "model.tflite",
+        "saved_model": run.saved_model_dir,
+        "frozen_graph": run.frozen_graph_path,
+        "tflite": run.tflite_path,
+        "int8_tflite": run.int8_tflite_path,
+        "model_json": run.model_json_path,
     }
-    export_saved_model(module, paths["saved_model"])
-    export_frozen_graph(module, paths["frozen_graph"])
-    export_tflite(module, paths["tflite"])
-    logger.info("Exported the model to %s", ckpts_dir)
+    export_saved_model(module, run.saved_model_dir)
+    export_frozen_graph(module, run.frozen_graph_path)
+    export_tflite(module, run.tflite_path)
+    export_int8_tflite(module, run.int8_tflite_path, representative_features)
+    description = describe_exports(run, module.settings)
+    run.model_json_path.write_text(json.dumps(description, indent=2) + "\n")
+    logger.info("Exported the model to %s", run.ckpts)
     return {key: str(value) for key, value in paths.items()}
+
+
+def _shape(shape) -> list[int | None]:
+    """A shape as JSON: null where any size goes."""
+    return [None if size is None or size < 0 else int(size) for size in shape]
+
+
+def _tf_tensor(name: str, spec) -> dict:
+    return {"name": name, "shape": _shape(spec.shape.as_list()), "dtype": spec.dtype.name}
+
+
+def _tflite_tensor(detail: dict) -> dict:
+    entry = {"name": detail["name"], "shape": _shape(detail["shape"]), "dtype": np.dtype(detail["dtype"]).name}
+    scale, zero_point = detail["quantization"]
+    if scale:
+        entry["quantization"] = {"scale": float(scale), "zero_point": int(zero_point)}
+    return entry
+
+
+def describe_tflite(path: Path) -> dict:
+    """Inputs, outputs and signatures as LiteRT's interpreter reports them."""
+    interpreter = Interpreter(model_path=str(path))
+    return {
+        "inputs": [_tflite_tensor(detail) for detail in interpreter.get_input_details()],
+        "outputs": [_tflite_tensor(detail) for detail in interpreter.get_output_details()],
+        "signatures": interpreter.get_signature_list(),
+    }
+
+
+def describe_saved_model(path: Path) -> dict:
+    """Each signature's inputs and outputs as the loaded SavedModel reports them."""
+    loaded = tf.saved_model.load(str(path))
+    signatures = {}
+    for name, function in loaded.signatures.items():
+        inputs = function.structured_input_signature[1]
+        signatures[name] = {
+            "inputs": [_tf_tensor(key, spec) for key, spec in sorted(inputs.items())],
+            "outputs": [_tf_tensor(key, spec) for key, spec in sorted(function.structured_outputs.items())],
+        }
+    return {"signatures": signatures}
+
+
+def describe_frozen_graph(path: Path) -> dict:
+    """The named input and output tensors of model.pb, as the imported graph reports them."""
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString(Path(path).read_bytes())
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.import_graph_def(graph_def, name="")
+
+    def tensor(name):
+        found = graph.get_tensor_by_name(name)
+        return {"name": name, "shape": _shape(found.shape.as_list()), "dtype": found.dtype.name}
+
+    return {
+        "inputs": [tensor(f"{WAV_INPUT}:0")],
+        "alternative_inputs": [tensor(f"{DECODED_INPUT}:0"), tensor(f"{DECODED_INPUT}:1")],
+        "outputs": [tensor(f"{SOFTMAX_OUTPUT}:0")],
+    }
+
+
+def describe_exports(run: RunDir, settings: FeatureSettings) -> dict:
+    """model.json: what a run's exports take and answer, read back from the written files."""
+    features = {**dataclasses.asdict(settings), "frames": settings.spectrogram_length}
+    if settings.preprocess == "micro":
+        features["micro_frontend"] = {**micro_frontend_options(settings), "feature_scale": MICRO_FEATURE_SCALE}
+    tflite_input = "features" if tflite_takes_features(settings) else "audio"
+    return {
+        "format": MODEL_JSON_FORMAT,
+        "labels": run.labels(),
+        "features": features,
+        "exports": {
+            run.saved_model_dir.name: {
+                "file": run.saved_model_dir.name,
+                "format": "saved_model",
+                "answers": "probabilities",
+                **describe_saved_model(run.saved_model_dir),
+            },
+            run.frozen_graph_path.name: {
+                "file": run.frozen_graph_path.name,
+                "format": "frozen_graph",
+                "takes": "wav",
+                "answers": "probabilities",
+                **describe_frozen_graph(run.frozen_graph_path),
+            },
+            run.tflite_path.name: {
+                "file": run.tflite_path.name,
+                "format": "tflite",
+                "takes": tflite_input,
+                "answers": "probabilities",
+                **describe_tflite(run.tflite_path),
+            },
+            run.int8_tflite_path.name: {
+                "file": run.int8_tflite_path.name,
+                "format": "tflite",
+                "takes": "features",
+                "answers": "probabilities",
+                **describe_tflite(run.int8_tflite_path),
+            },
+        },
+    }
 
 
 def run_frozen_graph(graph_path: Path, wav_bytes: bytes) -> np.ndarray:
@@ -134,12 +307,36 @@ def run_frozen_graph(graph_path: Path, wav_bytes: bytes) -> np.ndarray:
         return session.run(output, {f"{WAV_INPUT}:0": wav_bytes})[0]
 
 
-def run_tflite(tflite_path: Path, samples: np.ndarray) -> np.ndarray:
-    """Score one clip of float samples with the TFLite model."""
-    interpreter = tf.lite.Interpreter(model_path=str(tflite_path))
-    input_detail = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(input_detail["index"], [1, samples.size])
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(input_detail["index"], samples.reshape(1, -1).astype(np.float32))
-    interpreter.invoke()
-    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])[0]
+class TFLiteRunner:
+    """One TFLite model in LiteRT's interpreter, loaded once: one example in,
+    float scores out. An int8 input is quantised and an int8 output
+    dequantised with the model's own scale and zero point."""
+
+    def __init__(self, tflite_path: Path):
+        self.interpreter = Interpreter(model_path=str(tflite_path))
+        self.interpreter.allocate_tensors()
+        self.input = self.interpreter.get_input_details()[0]
+        self.output = self.interpreter.get_output_details()[0]
+
+    def __call__(self, example: np.ndarray) -> np.ndarray:
+        values = np.asarray(example, np.float32).reshape(self.input["shape"])
+        if self.input["dtype"] == np.int8:
+            values = quantize(values, *self.input["quantization"])
+        self.interpreter.set_tensor(self.input["index"], values)
+        self.interpreter.invoke()
+        scores = self.interpreter.get_tensor(self.output["index"])[0]
+        if self.output["dtype"] == np.int8:
+            scale, zero_point = self.output["quantization"]
+            return (scores.astype(np.float32) - zero_point) * scale
+        return scores
+
+
+def quantize(values: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """Float values to int8 as a TFLite int8 input expects them."""
+    return np.clip(np.round(values / scale) + zero_point, -128, 127).astype(np.int8)
+
+
+def run_tflite(tflite_path: Path, example: np.ndarray) -> np.ndarray:
+    """Score one example (a clip of float samples, or features for a model
+    that takes them) with a TFLite model."""
+    return TFLiteRunner(tflite_path)(example)

@@ -4,7 +4,8 @@ The same `compute_features` runs in the training pipeline and inside every
 exported model, so a deployed model sees exactly what training saw.
 The sizes (`feature_settings`) are plain arithmetic and import no
 TensorFlow, so DEEPaaS's main process can check a training's sizes before
-handing it to a worker.
+handing it to a worker. ``preprocess=micro`` is TF's audio micro frontend,
+the features TFLite Micro computes on a microcontroller.
 """
 
 from __future__ import annotations
@@ -16,6 +17,17 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import tensorflow as tf
 
+PREPROCESS_CHOICES = ("mfcc", "average", "micro")
+# TF's speech_commands (input_data.py) scales the micro frontend's float output
+# by 10/256, bringing its 0..~670 range to about 0..26.
+MICRO_FEATURE_SCALE = 10.0 / 256.0
+MICRO_LOWER_BAND_HZ = 125.0
+# The frontend's default upper band edge, 7500 Hz, is 15/16 of the Nyquist
+# frequency at 16 kHz; lower rates keep that fraction (the op refuses an edge
+# at or above Nyquist).
+MICRO_UPPER_BAND_HZ = 7500.0
+MICRO_UPPER_BAND_OF_NYQUIST = 15 / 16
+
 
 @dataclasses.dataclass(frozen=True)
 class FeatureSettings:
@@ -23,6 +35,9 @@ class FeatureSettings:
     prepare_model_settings)."""
 
     sample_rate: int
+    clip_duration_ms: int
+    window_size_ms: float
+    window_stride_ms: float
     desired_samples: int
     window_size_samples: int
     window_stride_samples: int
@@ -61,13 +76,20 @@ def feature_settings(
     if preprocess == "average":
         average_window_width = max(1, fft_bin_count // feature_bin_count)
         fingerprint_width = math.ceil(fft_bin_count / average_window_width)
-    elif preprocess == "mfcc":
+    elif preprocess in ("mfcc", "micro"):
         average_window_width = -1
         fingerprint_width = feature_bin_count
     else:
         raise ValueError(f"unknown preprocess {preprocess!r}")
+    if preprocess == "micro":
+        for name, value in (("window_size_ms", window_size_ms), ("window_stride_ms", window_stride_ms)):
+            if not float(value).is_integer():
+                raise ValueError(f"preprocess=micro takes whole milliseconds; {name} is {value}")
     return FeatureSettings(
         sample_rate=sample_rate,
+        clip_duration_ms=clip_duration_ms,
+        window_size_ms=window_size_ms,
+        window_stride_ms=window_stride_ms,
         desired_samples=desired_samples,
         window_size_samples=window_size_samples,
         window_stride_samples=window_stride_samples,
@@ -98,6 +120,8 @@ def compute_features(audio: tf.Tensor, settings: FeatureSettings) -> tf.Tensor:
     """
     import tensorflow as tf  # here, not at the top: the sizes above need no TensorFlow
 
+    if settings.preprocess == "micro":
+        return micro_features(audio, settings)
     channels_last = tf.transpose(audio)
     spectrogram = tf.raw_ops.AudioSpectrogram(
         input=channels_last,
@@ -121,3 +145,37 @@ def compute_features(audio: tf.Tensor, settings: FeatureSettings) -> tf.Tensor:
         )
         features = tf.squeeze(pooled, -1)
     return tf.expand_dims(features, -1)
+
+
+def micro_frontend_options(settings: FeatureSettings) -> dict:
+    """The micro frontend's settings that differ from its defaults; a device
+    must configure its frontend (TFLite Micro's FrontendConfig) the same."""
+    return {
+        "sample_rate": settings.sample_rate,
+        "window_size": int(settings.window_size_ms),
+        "window_step": int(settings.window_stride_ms),
+        "num_channels": settings.feature_bin_count,
+        "lower_band_limit": MICRO_LOWER_BAND_HZ,
+        "upper_band_limit": min(MICRO_UPPER_BAND_HZ, MICRO_UPPER_BAND_OF_NYQUIST * settings.sample_rate / 2),
+        "out_scale": 1,
+    }
+
+
+def micro_features(audio: tf.Tensor, settings: FeatureSettings) -> tf.Tensor:
+    """The micro frontend on each clip of a batch (the op takes one clip of
+    int16 samples), scaled as speech_commands scales it."""
+    import tensorflow as tf
+    from tensorflow.lite.experimental.microfrontend.python.ops import audio_microfrontend_op
+
+    samples = tf.cast(tf.clip_by_value(audio * 32768.0, -32768.0, 32767.0), tf.int16)
+    options = micro_frontend_options(settings)
+
+    def one_clip(clip):
+        return audio_microfrontend_op.audio_microfrontend(clip, out_type=tf.float32, **options)
+
+    frames = tf.map_fn(
+        one_clip,
+        samples,
+        fn_output_signature=tf.TensorSpec([settings.spectrogram_length, settings.feature_bin_count], tf.float32),
+    )
+    return tf.expand_dims(frames * MICRO_FEATURE_SCALE, -1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -31,7 +32,7 @@ from speechclas.rundir import RunDir, find_run
 logger = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 5
-# conf.json keys that fix what the exported model expects as input.
+# The feature settings that fix what the exported model expects as input.
 _FEATURE_KEYS = (
     "sample_rate",
     "clip_duration_ms",
@@ -68,17 +69,32 @@ def choose_window(samples: np.ndarray, window_samples: int, sample_rate: int):
     return clip, Window(round(first / sample_rate, 3), round(end / sample_rate, 3), selection)
 
 
+def run_description(run: RunDir) -> dict | None:
+    """The run's ckpts/model.json (what its exports take and answer); None
+    for runs exported before model.json existed."""
+    try:
+        return json.loads(run.model_json_path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def _feature_inputs(run: RunDir, description: dict | None) -> dict[str, Any]:
+    source = description["features"] if description is not None else run.settings()  # conf.json for older runs
+    return {key: source[key] for key in _FEATURE_KEYS}
+
+
 def run_sample_rate(run: RunDir) -> int:
-    """The rate a run's model works at, from its conf.json (no model loading)."""
-    return int(run.settings()["sample_rate"])
+    """The rate a run's model works at, from its model.json (no model loading)."""
+    return int(_feature_inputs(run, run_description(run))["sample_rate"])
 
 
-def feature_sizes(run: RunDir):
-    """`FeatureSettings` of a run, from its conf.json."""
+def feature_sizes(run: RunDir, description: dict | None = None):
+    """`FeatureSettings` of a run, from its model.json."""
     from speechclas.features import feature_settings  # imports TensorFlow
 
-    settings = run.settings()
-    return feature_settings(**{key: settings[key] for key in _FEATURE_KEYS})
+    if description is None:
+        description = run_description(run)
+    return feature_settings(**_feature_inputs(run, description))
 
 
 class Predictor:
@@ -96,8 +112,9 @@ class Predictor:
 
         from speechclas.export import AUDIO_SIGNATURE
 
-        settings = feature_sizes(run)
-        labels = run.labels()
+        description = run_description(run)
+        settings = feature_sizes(run, description)
+        labels = description["labels"] if description is not None else run.labels()
         signature = tf.saved_model.load(str(run.saved_model_dir)).signatures[AUDIO_SIGNATURE]
         predictor = cls(run, labels, settings, signature)
         # The first call traces the graph; pay that here, not in the first request.

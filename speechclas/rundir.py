@@ -74,8 +74,17 @@ class RunDir:
         return self.ckpts / "model.tflite"
 
     @property
+    def int8_tflite_path(self) -> Path:
+        return self.ckpts / "model_int8.tflite"
+
+    @property
     def saved_model_dir(self) -> Path:
         return self.ckpts / "saved_model"
+
+    @property
+    def model_json_path(self) -> Path:
+        """What every export takes and answers, the feature settings and labels (written by export)."""
+        return self.ckpts / "model.json"
 
     @property
     def conf_path(self) -> Path:

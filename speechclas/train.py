@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from speechclas import architectures, confine, data, datasource, export, metrics, pipeline, tracking
+from speechclas import architectures, confine, data, datasource, export, export_accuracy, metrics, pipeline, tracking
 from speechclas.config import Config
 from speechclas.features import FeatureSettings, settings_from_config
 from speechclas.limits import Limits
@@ -33,6 +33,8 @@ SUMMARY_EVERY_STEPS = 10
 EVAL_BATCH_SIZE = 256
 # Skipped clips named in metrics.json (all are in the log).
 SKIPPED_EXAMPLES = 10
+# Training examples (augmented, as the model saw them) that calibrate the int8 export.
+REPRESENTATIVE_EXAMPLES = 300
 
 
 class TrainingCancelled(Exception):
@@ -209,6 +211,17 @@ def predict_logits(model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndar
     if not logits:
         return np.zeros((0, model.output_shape[-1]), np.float32), np.zeros((0,), np.int32)
     return np.concatenate(logits), np.concatenate(labels)
+
+
+def representative_features(batches, count: int) -> np.ndarray:
+    """`count` training features from the pipeline's batches (words, unknown
+    words, silence and noise mixed as in training), to calibrate int8."""
+    taken, total = [], 0
+    while total < count:
+        features, _ = next(batches)
+        taken.append(features.numpy())
+        total += len(taken[-1])
+    return np.concatenate(taken)[:count]
 
 
 def _resolve_checkpoint(path: str) -> str:
@@ -408,7 +421,9 @@ def _train_in_run(config, settings, prepared, run, start_checkpoint, progress, c
                 results["training"]["accuracy"], results["validation"]["accuracy"], results["testing"]["accuracy"])
     logger.info("Test confusion matrix (%s):\n%s", labels, _matrix_text(results["testing"]["confusion_matrix"]))
 
-    exports = export.export_all(export.InferenceModule(model, settings), run.ckpts)
+    calibration = representative_features(batches, REPRESENTATIVE_EXAMPLES)
+    exports = export.export_all(export.InferenceModule(model, settings), run, calibration)
+    exports_accuracy = export_accuracy.export_accuracies(run, settings, *prepared.evaluation["testing"])
     run_metrics = {
         "run": run.name,
         "labels": labels,
@@ -418,6 +433,7 @@ def _train_in_run(config, settings, prepared, run, start_checkpoint, progress, c
         "duration_s": round(time.monotonic() - started, 1),
         **results,
         "skipped_clips": prepared.skipped_summary(),
+        "exports": exports_accuracy,
         "history": history,
     }
     run.metrics_path.write_text(json.dumps(run_metrics, indent=2))

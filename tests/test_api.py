@@ -406,7 +406,7 @@ async def test_training_through_the_api_then_predicting_with_the_new_run(client,
     assert new_run != trained_run.name
     assert (project_home / "models" / new_run / "DONE").is_file()
     assert summary["steps"] == 50 and 0.0 <= summary["test_accuracy"] <= 1.0
-    assert set(summary["exports"]) == {"saved_model", "frozen_graph", "tflite"}
+    assert set(summary["exports"]) == {"saved_model", "frozen_graph", "tflite", "int8_tflite", "model_json"}
     listed = await (await client.get(TRAIN)).json()
     assert started["uuid"] in {training["uuid"] for training in listed}
 

@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 
 from speechclas.audio import decode_audio, fix_length
-from speechclas.features import compute_features, feature_settings
+from speechclas.config import load_param_specs
+from speechclas.features import PREPROCESS_CHOICES, compute_features, feature_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_YES = ROOT / "data" / "demo" / "yes"
@@ -53,11 +54,42 @@ def test_feature_settings_at_another_rate_and_refused_windows():
         feature_settings(RATE, 1000, 30.0, 10.0, 40, "mel")
 
 
+def test_feature_settings_for_the_micro_frontend():
+    settings = defaults("micro")
+    assert settings.input_shape == (98, 40, 1)
+    with pytest.raises(ValueError, match="whole milliseconds"):
+        feature_settings(RATE, 1000, 30.5, 10.0, 40, "micro")
+
+
+def test_preprocess_choices_agree_with_config_yaml():
+    assert load_param_specs()["preprocess"].choices == PREPROCESS_CHOICES
+
+
+@pytest.mark.parametrize("rate", [RATE, 8000])
+def test_micro_features_are_the_recipes(rate):
+    """TF's speech_commands: the micro frontend on int16 samples, out_scale 1,
+    float output times 10/256, one clip per op call."""
+    from tensorflow.lite.experimental.microfrontend.python.ops import audio_microfrontend_op
+
+    settings = defaults("micro", sample_rate=rate)
+    audio = np.stack([fix_length(decode_audio(min(DEMO_YES.glob("*.wav")), rate).samples, rate),
+                      np.pad(sine(440, rate), (0, rate // 2))])
+    features = compute_features(tf.constant(audio), settings).numpy()
+    assert features.shape == (2, *settings.input_shape)
+    for clip, computed in zip(audio, features, strict=True):
+        expected = audio_microfrontend_op.audio_microfrontend(
+            tf.constant((clip * 32768).astype(np.int16)), sample_rate=rate, window_size=30, window_step=10,
+            num_channels=40, upper_band_limit=min(7500.0, rate * 15 / 32), out_scale=1, out_type=tf.float32,
+        ).numpy() * 10 / 256
+        np.testing.assert_allclose(computed[..., 0], expected, atol=1e-6)
+    assert 5 < features.max() < 30
+
+
 def demo_audio():
     return fix_length(decode_audio(min(DEMO_YES.glob("*.wav")), RATE).samples, RATE)
 
 
-@pytest.mark.parametrize("preprocess", ["mfcc", "average"])
+@pytest.mark.parametrize("preprocess", PREPROCESS_CHOICES)
 @pytest.mark.parametrize("kind", ["random", "silence", "demo"])
 def test_compute_features_has_the_derived_shape_and_finite_values(preprocess, kind):
     settings = defaults(preprocess)
@@ -81,7 +113,7 @@ def test_features_tell_clips_apart():
     assert not np.allclose(features[1], features[2], atol=1e-3)
 
 
-@pytest.mark.parametrize("preprocess", ["mfcc", "average"])
+@pytest.mark.parametrize("preprocess", PREPROCESS_CHOICES)
 def test_batching_does_not_change_a_clips_features(preprocess):
     settings = defaults(preprocess)
     rng = np.random.default_rng(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -19,9 +20,11 @@ from speechclas.predict import (
     Predictor,
     PredictorCache,
     choose_window,
+    feature_sizes,
     predict_request,
+    run_sample_rate,
 )
-from speechclas.rundir import RunNotFoundError
+from speechclas.rundir import RunDir, RunNotFoundError
 from tests.conftest import demo_clip, wav_bytes
 from tests.http_server import respond, serve_directory
 
@@ -132,6 +135,20 @@ def test_windows_are_placed_as_training_places_clips():
     window, where = choose_window(long, 100, sample_rate=100)
     assert where.selection == "loudest" and window.sum() == 20
     assert where.start_s <= 3.0 and where.end_s >= 3.2
+
+
+def test_predictor_reads_model_json_and_older_runs_conf_json(trained_run, clip, tmp_path):
+    """The run describes itself: without conf.json it loads from model.json;
+    a run made before model.json existed loads from conf.json."""
+    expected = Predictor.load(trained_run).probabilities(clip)
+    without_conf = RunDir(shutil.copytree(trained_run.root, tmp_path / "new"))
+    without_conf.conf_path.unlink()
+    older = RunDir(shutil.copytree(trained_run.root, tmp_path / "old"))
+    older.model_json_path.unlink()
+    for run in (without_conf, older):
+        assert run_sample_rate(run) == 16000
+        assert feature_sizes(run) == feature_sizes(trained_run)
+        np.testing.assert_allclose(Predictor.load(run).probabilities(clip), expected, atol=1e-6)
 
 
 def test_cache_loads_a_run_once_and_again_when_replaced(trained_run):

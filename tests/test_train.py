@@ -18,6 +18,7 @@ from speechclas.config import ConfigError, load_config
 from speechclas.features import compute_features, settings_from_config
 from speechclas.rundir import RunDir, RunNotFoundError, find_run
 from speechclas.train import TrainingCancelled, restore_model, train
+from tests.test_export import EXPORT_NAMES, assert_model_json_matches_the_interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"
@@ -65,10 +66,15 @@ def test_architecture_trains_two_steps_and_exports_agree(name, toy_data, tmp_pat
     run = result.run
     assert run.is_finished()
     assert result.metrics["parameter_count"] > 0 and result.metrics["steps"] == 2
-    for path in (run.frozen_graph_path, run.tflite_path, run.saved_model_dir, run.labels_path, run.conf_path,
-                 run.metrics_path, run.stats / "confusion_matrix_test.png", run.dataset_files / "train.txt"):
+    for path in (run.frozen_graph_path, run.tflite_path, run.int8_tflite_path, run.saved_model_dir, run.labels_path,
+                 run.model_json_path, run.conf_path, run.metrics_path, run.stats / "confusion_matrix_test.png",
+                 run.dataset_files / "train.txt"):
         assert path.exists(), path
     assert run.labels() == ["_silence_", "_unknown_", "yes", "no"]
+    description = assert_model_json_matches_the_interpreter(run)
+    assert description["exports"]["model.tflite"]["takes"] == "audio"
+    assert description["exports"]["model.tflite"]["inputs"][0]["shape"] == [1, 16000]
+    assert set(result.metrics["exports"]) == EXPORT_NAMES
 
     wav_path = sorted((toy_data / "yes").iterdir())[0]
     wav_bytes = wav_path.read_bytes()
@@ -84,6 +90,8 @@ def test_architecture_trains_two_steps_and_exports_agree(name, toy_data, tmp_pat
     tflite = export.run_tflite(run.tflite_path, samples)
     for probabilities in (from_wav, from_audio, frozen, tflite):
         np.testing.assert_allclose(probabilities, reference, atol=1e-4)
+    features = compute_features(tf.constant(samples[None, :]), settings).numpy()
+    np.testing.assert_allclose(export.run_tflite(run.int8_tflite_path, features), reference, atol=0.05)
 
 
 def test_frozen_graph_has_the_label_wav_tensor_names(toy_data, tmp_path):
