@@ -62,8 +62,8 @@ def run_artifacts(run: RunDir) -> list[tuple[Path, str]]:
         (run.conf_path, "conf"),
         (run.labels_path, MODEL_ARTIFACT_DIR),
         (run.tflite_path, MODEL_ARTIFACT_DIR),
-        (run.ckpts / "model_int8.tflite", MODEL_ARTIFACT_DIR),
-        (run.ckpts / "model.json", MODEL_ARTIFACT_DIR),
+        (run.int8_tflite_path, MODEL_ARTIFACT_DIR),
+        (run.model_json_path, MODEL_ARTIFACT_DIR),
     ]
     return [(path, folder) for path, folder in candidates if path.is_file()]
 
