@@ -135,3 +135,35 @@ def test_micro_takes_whole_milliseconds(tmp_path):
                           "models_dir": str(tmp_path)})
     with pytest.raises(ValueError, match="whole milliseconds"):
         settings_from_config(config)
+
+
+def readme_int8_example() -> str:
+    """The Python block of README's int8 example (between its markers)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("<!-- int8-example:begin -->")[1].split("<!-- int8-example:end -->")[0]
+    return section.split("```python\n")[1].split("```")[0]
+
+
+def test_the_readme_int8_example_gives_the_int8_models_answer(micro_run, capsys):
+    """README's example (model.json, the micro frontend op, quantise, LiteRT,
+    dequantise), run on a trained micro run, answers what the int8 model
+    answers on the features training computes, and the float model's label."""
+    config, result = micro_run
+    run = result.run
+    wav = sorted((DEMO / "yes").iterdir())[0]
+    code = readme_int8_example()
+    assert code.count('"models/RUN/ckpts"') == 1 and code.count('"yes.wav"') == 1
+    code = code.replace('"models/RUN/ckpts"', repr(str(run.ckpts))).replace('"yes.wav"', repr(str(wav)))
+    namespace: dict = {}
+    exec(compile(code, "README.md int8 example", "exec"), namespace)
+
+    settings = settings_from_config(config)
+    samples = place_in_window(decode_audio(wav.read_bytes(), settings.sample_rate).samples, settings.desired_samples)[0]
+    features = compute_features(tf.constant(samples[None, :]), settings).numpy()
+    int8 = export.run_tflite(run.int8_tflite_path, features)
+    output_scale = json.loads(run.model_json_path.read_text())["exports"]["model_int8.tflite"]["outputs"][0][
+        "quantization"]["scale"]
+    np.testing.assert_allclose(namespace["probabilities"], int8, atol=output_scale * 1.01)
+    float_probabilities = export.run_tflite(run.tflite_path, features)
+    assert namespace["probabilities"].argmax() == float_probabilities.argmax()
+    assert capsys.readouterr().out.split()[0] == run.labels()[int8.argmax()]
