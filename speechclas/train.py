@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from speechclas import architectures, data, datasource, export, metrics, pipeline
+from speechclas import architectures, data, datasource, export, metrics, pipeline, streaming
 from speechclas.config import Config
 from speechclas.features import FeatureSettings, settings_from_config
 from speechclas.limits import Limits
@@ -392,6 +392,9 @@ def _train_in_run(config, settings, prepared, run, start_checkpoint, progress, c
     logger.info("Test confusion matrix (%s):\n%s", labels, _matrix_text(results["testing"]["confusion_matrix"]))
 
     exports = export.export_all(export.InferenceModule(model, settings), run.ckpts)
+    streamed = streaming.evaluate_trained_model(
+        model, settings, labels, prepared.evaluation, prepared.training.background, config, run.stats
+    )
     run_metrics = {
         "run": run.name,
         "labels": labels,
@@ -403,6 +406,8 @@ def _train_in_run(config, settings, prepared, run, start_checkpoint, progress, c
         "skipped_clips": prepared.skipped_summary(),
         "history": history,
     }
+    if streamed is not None:
+        run_metrics["streaming"] = streamed
     run.metrics_path.write_text(json.dumps(run_metrics, indent=2))
     metrics.save_confusion_png(
         np.array(results["testing"]["confusion_matrix"]), labels, run.stats / "confusion_matrix_test.png",
