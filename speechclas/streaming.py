@@ -27,9 +27,9 @@ from speechclas import data, detect
 logger = logging.getLogger(__name__)
 
 DET_CURVE_FILE = "det_curve.png"
-# Where each word starts, after the previous one (start to start), as in TF's
-# generate_streaming_test_wav (clip length plus a random gap of up to 2 s).
-WORD_SPACING_S = (2.0, 4.0)
+# The silence between one clip's end and the next clip's start: for 1 s clips, a
+# word every 2–4 s (TF's generate_streaming_test_wav: every 1–3 s).
+WORD_GAP_S = (1.0, 3.0)
 # Background noise is laid in segments, each crossfaded into the next (TF's values).
 NOISE_SEGMENT_S = 1.0
 NOISE_CROSSOVER_S = 0.5
@@ -175,20 +175,21 @@ def word_stream(
     background_volume: float,
     seed: int,
 ) -> Stream:
-    """Clips (int16 [n, samples]) placed every 2–4 s over background noise at up to
-    `background_volume`, in a seeded order that uses every clip once before any twice."""
+    """Clips (int16 [n, samples]) one after the other with 1–3 s between them (a word
+    every 2–4 s for 1 s clips) over background noise at up to `background_volume`,
+    in a seeded order that uses every clip once before any twice."""
     rng = np.random.default_rng(seed)
     length = int(seconds * sample_rate)
     clip_length = clips.shape[1]
     offsets, rows = [], []
     order: list[int] = []
-    position = rng.uniform(0.0, WORD_SPACING_S[0]) * sample_rate
+    position = rng.uniform(*WORD_GAP_S) * sample_rate
     while len(clips) and position + clip_length <= length:
         if not order:
             order = list(rng.permutation(len(clips)))
         rows.append(order.pop())
         offsets.append(int(position))
-        position += rng.uniform(*WORD_SPACING_S) * sample_rate
+        position += clip_length + rng.uniform(*WORD_GAP_S) * sample_rate
     words = tuple(
         Word(clip_labels[row], offset / sample_rate, (offset + clip_length) / sample_rate)
         for row, offset in zip(rows, offsets, strict=True)
