@@ -32,6 +32,7 @@ setup(
         "console_scripts": [
             "speechclas-train=speechclas.cli:train_main",
             "speechclas-predict=speechclas.cli:predict_main",
+            "speechclas-detect=speechclas.cli:detect_main",
             "speechclas-web=speechclas.webserver:main",
             "speechclas-serve=speechclas.serve:main",
         ],
