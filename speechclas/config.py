@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-GROUPS = ("general", "model_settings", "audio_processor", "training_parameters")
+GROUPS = ("general", "model_settings", "audio_processor", "training_parameters", "streaming_evaluation")
 TYPES = ("str", "int", "float", "bool", "list[str]", "list[int]", "list[float]")
 
 
@@ -96,6 +96,11 @@ class Config:
     start_checkpoint: str = _field("training_parameters")
     check_nans: bool = _field("training_parameters")
     random_seed: int = _field("training_parameters")
+    # streaming_evaluation
+    streaming_minutes: float = _field("streaming_evaluation")
+    streaming_noise_minutes: float = _field("streaming_evaluation")
+    detection_time_tolerance_ms: float = _field("streaming_evaluation")
+    target_false_accepts_per_hour: float = _field("streaming_evaluation")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Grouped as in config.yaml, JSON-ready (lists, not tuples)."""

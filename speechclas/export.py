@@ -38,6 +38,8 @@ DECODED_INPUT = "decoded_sample_data"
 SOFTMAX_OUTPUT = "labels_softmax"
 AUDIO_SIGNATURE = "audio"
 FEATURES_SIGNATURE = "features"
+# Detection in long audio (speechclas.detect): features of a stream once, then windows of them.
+STREAM_FEATURES_SIGNATURE = "stream_features"
 MODEL_JSON_FORMAT = 1
 
 
@@ -57,6 +59,9 @@ class InferenceModule(tf.Module):
             self._from_features,
             input_signature=[tf.TensorSpec([None, *settings.input_shape], tf.float32, name=FEATURES_SIGNATURE)],
         )
+        self.stream_features = tf.function(
+            self._stream_features, input_signature=[tf.TensorSpec([None], tf.float32, name="samples")]
+        )
 
     def _probabilities(self, audio: tf.Tensor) -> tf.Tensor:
         return self._from_features(compute_features(audio, self.settings))[SOFTMAX_OUTPUT]
@@ -68,6 +73,14 @@ class InferenceModule(tf.Module):
     def _from_audio(self, audio):
         """[batch, desired_samples] float samples in [-1, 1] to probabilities."""
         return {SOFTMAX_OUTPUT: self._probabilities(audio)}
+
+    def _stream_features(self, samples):
+        """Feature frames [frames, bins] of any length of audio (at least one frame's samples).
+
+        Frames are computed one by one, so a window of a stream's frames equals
+        the features of that window's audio: detection computes them once.
+        """
+        return {"frames": compute_features(samples[None, :], self.settings)[0, :, :, 0]}
 
     def _from_wav(self, wav_data):
         """One 16-bit PCM wav file's bytes to probabilities [1, labels].
@@ -86,14 +99,16 @@ class InferenceModule(tf.Module):
 
 
 def export_saved_model(module: InferenceModule, out_dir: Path) -> None:
-    """SavedModel for TF Serving: serving_default takes wav bytes, `audio`
-    float samples, `features` what compute_features makes."""
+    """SavedModel for TF Serving: serving_default takes wav bytes, `audio` float samples,
+    `features` what compute_features makes; `stream_features` and `features` split the two
+    for detection in long audio."""
     tf.saved_model.save(
         module,
         str(out_dir),
         signatures={
             "serving_default": module.from_wav.get_concrete_function(),
             AUDIO_SIGNATURE: module.from_audio.get_concrete_function(),
+            STREAM_FEATURES_SIGNATURE: module.stream_features.get_concrete_function(),
             FEATURES_SIGNATURE: module.from_features.get_concrete_function(),
         },
     )

@@ -21,7 +21,18 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from speechclas import architectures, confine, data, datasource, export, export_accuracy, metrics, pipeline, tracking
+from speechclas import (
+    architectures,
+    confine,
+    data,
+    datasource,
+    export,
+    export_accuracy,
+    metrics,
+    pipeline,
+    streaming,
+    tracking,
+)
 from speechclas.config import Config
 from speechclas.features import FeatureSettings, settings_from_config
 from speechclas.limits import Limits
@@ -424,6 +435,9 @@ def _train_in_run(config, settings, prepared, run, start_checkpoint, progress, c
     calibration = representative_features(batches, REPRESENTATIVE_EXAMPLES)
     exports = export.export_all(export.InferenceModule(model, settings), run, calibration)
     exports_accuracy = export_accuracy.export_accuracies(run, settings, *prepared.evaluation["testing"])
+    streamed = streaming.evaluate_trained_model(
+        model, settings, labels, prepared.evaluation, prepared.training.background, config, run.stats
+    )
     run_metrics = {
         "run": run.name,
         "labels": labels,
@@ -436,6 +450,8 @@ def _train_in_run(config, settings, prepared, run, start_checkpoint, progress, c
         "exports": exports_accuracy,
         "history": history,
     }
+    if streamed is not None:
+        run_metrics["streaming"] = streamed
     run.metrics_path.write_text(json.dumps(run_metrics, indent=2))
     metrics.save_confusion_png(
         np.array(results["testing"]["confusion_matrix"]), labels, run.stats / "confusion_matrix_test.png",

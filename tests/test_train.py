@@ -48,6 +48,7 @@ def toy_config(data_dir, models_dir, **overrides):
         "batch_size": 8,
         "eval_step_interval": 1,
         "save_step_interval": 1,
+        "streaming_minutes": 0,  # tests/test_streaming.py covers it; conv would spend minutes on it
     }
     values.update(overrides)
     return load_config(values)
