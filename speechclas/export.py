@@ -25,6 +25,9 @@ WAV_INPUT = "wav_data"
 DECODED_INPUT = "decoded_sample_data"
 SOFTMAX_OUTPUT = "labels_softmax"
 AUDIO_SIGNATURE = "audio"
+# Detection in long audio (speechclas.detect): features of a stream once, then windows of them.
+STREAM_FEATURES_SIGNATURE = "stream_features"
+FEATURES_SIGNATURE = "features"
 
 
 class InferenceModule(tf.Module):
@@ -39,6 +42,13 @@ class InferenceModule(tf.Module):
             self._from_audio, input_signature=[tf.TensorSpec([None, samples], tf.float32, name="audio")]
         )
         self.from_wav = tf.function(self._from_wav, input_signature=[tf.TensorSpec([], tf.string, name=WAV_INPUT)])
+        frames, bins = settings.spectrogram_length, settings.fingerprint_width
+        self.from_features = tf.function(
+            self._from_features, input_signature=[tf.TensorSpec([None, frames, bins], tf.float32, name="features")]
+        )
+        self.stream_features = tf.function(
+            self._stream_features, input_signature=[tf.TensorSpec([None], tf.float32, name="samples")]
+        )
 
     def _probabilities(self, audio: tf.Tensor) -> tf.Tensor:
         logits = self.model(compute_features(audio, self.settings), training=False)
@@ -47,6 +57,19 @@ class InferenceModule(tf.Module):
     def _from_audio(self, audio):
         """[batch, desired_samples] float samples in [-1, 1] to probabilities."""
         return {SOFTMAX_OUTPUT: self._probabilities(audio)}
+
+    def _from_features(self, features):
+        """[batch, frames, bins] features (windows of `_stream_features`) to probabilities."""
+        logits = self.model(tf.expand_dims(features, -1), training=False)
+        return {SOFTMAX_OUTPUT: tf.nn.softmax(logits, name=SOFTMAX_OUTPUT)}
+
+    def _stream_features(self, samples):
+        """Feature frames [frames, bins] of any length of audio (at least one frame's samples).
+
+        Frames are computed one by one, so a window of a stream's frames equals
+        the features of that window's audio: detection computes them once.
+        """
+        return {"frames": compute_features(samples[None, :], self.settings)[0, :, :, 0]}
 
     def _from_wav(self, wav_data):
         """One 16-bit PCM wav file's bytes to probabilities [1, labels].
@@ -65,13 +88,16 @@ class InferenceModule(tf.Module):
 
 
 def export_saved_model(module: InferenceModule, out_dir: Path) -> None:
-    """SavedModel for TF Serving: serving_default takes wav bytes, `audio` float samples."""
+    """SavedModel for TF Serving: serving_default takes wav bytes, `audio` float samples;
+    `stream_features` and `features` split the two for detection in long audio."""
     tf.saved_model.save(
         module,
         str(out_dir),
         signatures={
             "serving_default": module.from_wav.get_concrete_function(),
             AUDIO_SIGNATURE: module.from_audio.get_concrete_function(),
+            STREAM_FEATURES_SIGNATURE: module.stream_features.get_concrete_function(),
+            FEATURES_SIGNATURE: module.from_features.get_concrete_function(),
         },
     )
 

@@ -56,6 +56,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_sample_rate", "int", 384000, "Highest sample rate accepted in an audio header (Hz).", 1),
     Setting("max_archive_members", "int", 10_000,
             "Files in one archive uploaded to predict (answered per file).", 1),
+    Setting("detect_max_audio_seconds", "float", 3600.0,
+            "Duration of one recording to scan for keywords (predict `mode=detect`), read from its header "
+            "and counted while decoding (s). `speechclas-detect` has its own bound (`--max-seconds`).", 0.01),
+    Setting("detect_max_audio_bytes", "int", 128 * MiB,
+            "Size of one audio file uploaded or downloaded for predict `mode=detect` (bytes); "
+            "`max_audio_bytes` still bounds a clip.", 1),
     Setting("run", "str", "",
             "Pins the served run (a models/ folder name or `api`). Empty: models/api if present, "
             "else the newest finished run. A pinned run is never changed by a training."),
@@ -108,6 +114,8 @@ class Limits:
     min_sample_rate: int
     max_sample_rate: int
     max_archive_members: int
+    detect_max_audio_seconds: float
+    detect_max_audio_bytes: int
     run: str
     allow_private_urls: bool
     url_trust_env: bool
@@ -146,8 +154,13 @@ class Limits:
         return dataclasses.replace(self, **changes)
 
     def client_max_size(self) -> int:
-        """The HTTP body limit for ``deepaas-run --client-max-size``: one upload plus the form around it."""
-        return self.max_audio_bytes + MiB
+        """The HTTP body limit for ``deepaas-run --client-max-size``: the largest upload
+        (a clip, an archive or a recording to detect in) plus the form around it."""
+        return self.max_upload_bytes() + MiB
+
+    def max_upload_bytes(self) -> int:
+        """The largest file predict accepts, whatever its mode."""
+        return max(self.max_audio_bytes, self.detect_max_audio_bytes)
 
     def train_root_paths(self, base_dir: Path) -> tuple[Path, ...]:
         """`train_roots` as absolute, resolved folders (relative ones are taken from `base_dir`)."""
