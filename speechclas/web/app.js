@@ -178,15 +178,20 @@ function drawSpans(g, spans, fromS, toS, width, height) {
   const x = (t) => width * (t - fromS) / (toS - fromS);
   g.font = "bold 13px system-ui, sans-serif";
   g.textBaseline = "top";
+  const rowEnds = []; // where the last label of each text row ends, so labels do not overlap
   for (const { label, start_s, end_s, score } of spans) {
     if (end_s < fromS || start_s > toS) continue;
     const colour = labelColor(label);
     g.globalAlpha = 0.28; g.fillStyle = colour;
     g.fillRect(x(start_s), 0, Math.max(2, x(end_s) - x(start_s)), height);
     g.globalAlpha = 1; g.fillRect(x(end_s) - 1, 0, 2, height);
-    const text = `${label} ${(100 * score).toFixed(0)}%`;
-    g.fillStyle = "#10131a"; g.fillRect(x(start_s) + 2, 3, g.measureText(text).width + 6, 17);
-    g.fillStyle = colour; g.fillText(text, x(start_s) + 5, 5);
+    const text = `${label} ${(100 * score).toFixed(0)}%`, textWidth = g.measureText(text).width + 6;
+    let row = rowEnds.findIndex((end) => end < x(start_s));
+    if (row < 0) row = rowEnds.length;
+    rowEnds[row] = x(start_s) + 2 + textWidth;
+    const top = 3 + 19 * row;
+    g.fillStyle = "#10131a"; g.fillRect(x(start_s) + 2, top, textWidth, 17);
+    g.fillStyle = colour; g.fillText(text, x(start_s) + 5, top + 2);
   }
 }
 
@@ -533,16 +538,18 @@ class Listener {
   }
 
   add(answer, offsetS) {
-    // A keyword in two overlapping chunks is one: the same label within the suppression window.
+    // A keyword in two overlapping chunks is one: the same label within the suppression window. Of the
+    // two, the one with more audio before it in its chunk is kept: a chunk that starts in the middle of a
+    // word has no quiet before it to average with, and fires at another time than the whole stream would.
     const suppressionS = (answer.settings.suppression_ms ?? 1000 * DEFAULT_SUPPRESSION_S) / 1000;
     for (const d of answer.detections) {
-      const found = { label: d.label, start_s: offsetS + d.start_s, end_s: offsetS + d.end_s, score: d.score };
+      const found = {
+        label: d.label, start_s: offsetS + d.start_s, end_s: offsetS + d.end_s, score: d.score,
+        leadS: offsetS === 0 ? Infinity : d.start_s, // the session's first chunk starts where the stream does
+      };
       const same = this.detections.find((o) => o.label === found.label && Math.abs(o.end_s - found.end_s) <= suppressionS);
-      if (same) {
-        if (found.score > same.score) Object.assign(same, found);
-      } else {
-        this.detections.push(found);
-      }
+      if (!same) this.detections.push(found);
+      else if (found.leadS > same.leadS) Object.assign(same, found);
     }
     this.detections.sort((a, b) => a.end_s - b.end_s);
     this.showList();
