@@ -156,8 +156,8 @@ async def _forward(request: web.Request) -> web.StreamResponse:
         except web.HTTPRequestEntityTooLarge:
             limit = request.client_max_size
             return _refusal(413, f"the request body is larger than {limit} bytes, the limit of uploads "
-                                 f"({setting('max_audio_bytes').env}, {setting('detect_max_audio_bytes').env} "
-                                 "for mode=detect) plus the form around them")  # fmt: skip
+                                 f"({setting('max_audio_bytes').env}, {setting('detect_max_audio_bytes').env}) "
+                                 "plus the form around them")  # fmt: skip
     headers = {k: v for k, v in request.headers.items()
                if k.lower() not in _HOP_BY_HOP and (body is None or k.lower() not in _NOT_FORWARDED_WITH_BODY)}
     target = URL(request.app[_API_URL] + raw_path, encoded=True)  # encoded: yarl must not normalise it

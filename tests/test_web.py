@@ -225,8 +225,8 @@ async def test_a_body_above_the_limit_is_a_413_and_is_not_forwarded(chunked):
 
 def test_the_default_body_limit_is_the_apis(monkeypatch):
     monkeypatch.setenv("SPEECHCLAS_MAX_AUDIO_BYTES", "5000")
-    monkeypatch.setenv("SPEECHCLAS_DETECT_MAX_AUDIO_BYTES", "7000")  # the larger: recordings to detect in
-    assert webserver.make_app()._client_max_size == 7000 + 2**20
+    monkeypatch.setenv("SPEECHCLAS_DETECT_MAX_AUDIO_BYTES", "3000")
+    assert webserver.make_app()._client_max_size == 5000 + 2**20
 
 
 @pytest.mark.parametrize(
