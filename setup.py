@@ -36,6 +36,7 @@ setup(
         "console_scripts": [
             "speechclas-train=speechclas.cli:train_main",
             "speechclas-predict=speechclas.cli:predict_main",
+            "speechclas-detect=speechclas.cli:detect_main",
             "speechclas-web=speechclas.webserver:main",
             "speechclas-serve=speechclas.serve:main",
         ],

@@ -49,8 +49,9 @@ from speechclas.config import (
     project_dir,
 )
 from speechclas.confine import OPERATOR_PARAMETERS, api_training_config, check_api_training, check_argument
+from speechclas.detect import ScorerCache, detect_request
 from speechclas.fetch import FetchError
-from speechclas.limits import Limits
+from speechclas.limits import Limits, setting
 from speechclas.predict import (
     DEFAULT_TOP_K,
     InputError,
@@ -73,6 +74,7 @@ class _ProcessState:
 
     def __init__(self) -> None:
         self.predictors = PredictorCache()
+        self.scorers = ScorerCache()
         self._models_dir: tuple[tuple[str, int], Path] | None = None
 
     def models_dir(self) -> Path:
@@ -264,7 +266,44 @@ class PredictResponse(PredictionResponse):
         return PredictionResponse().load(data, **kwargs)
 
 
-schema = PredictResponse
+class _Detection(marshmallow.Schema):
+    label = fields.Str(required=True)
+    start_s = fields.Float(required=True, metadata={"description": "Start of the window that fired (s)"})
+    end_s = fields.Float(required=True, metadata={"description": "End of that window: when the keyword was heard (s)"})
+    score = fields.Float(required=True, metadata={"description": "Smoothed score of the label"})
+
+
+class _DetectSettings(marshmallow.Schema):
+    hop_ms = fields.Float(required=True)
+    average_window_ms = fields.Float(required=True)
+    threshold = fields.Float(required=True)
+    suppression_ms = fields.Float(required=True)
+    minimum_count = fields.Int(required=True)
+
+
+class DetectionResponse(marshmallow.Schema):
+    """The answer of ``mode=detect`` (`speechclas.detect.detect_request`)."""
+
+    status = fields.Str(required=True, validate=validate.Equal("ok"))
+    run = fields.Str(required=True)
+    duration_s = fields.Float(required=True, metadata={"description": "Duration of the recording (s)"})
+    settings = fields.Nested(_DetectSettings, required=True)
+    detections = fields.List(fields.Nested(_Detection), required=True, metadata={"description": "In time order"})
+
+
+class PredictResponseAnyMode(PredictResponse):
+    """One clip's answer, an archive's (ArchivePredictionResponse) or, for ``mode=detect``, a DetectionResponse."""
+
+    settings = fields.Nested(_DetectSettings, metadata={"description": "mode=detect only"})
+    detections = fields.List(fields.Nested(_Detection), metadata={"description": "mode=detect only"})
+
+    def load(self, data, **kwargs):
+        if isinstance(data, dict) and "detections" in data:
+            return DetectionResponse().load(data, **kwargs)
+        return super().load(data, **kwargs)
+
+
+schema = PredictResponseAnyMode
 
 
 def _upload_check(max_bytes: int):
@@ -286,12 +325,14 @@ def _upload_check(max_bytes: int):
 def get_predict_args() -> dict[str, fields.Field]:
     return {
         "data": fields.Raw(
-            validate=_upload_check(Limits.from_env().max_audio_bytes),
+            # The largest upload of any mode; a clip's own bound is checked once the mode is known.
+            validate=_upload_check(Limits.from_env().max_upload_bytes()),
             metadata={
                 "type": "file",
                 "location": "form",
                 "description": "Audio file to classify (wav of any bit depth, rate and channel count; "
-                "flac and ogg too), or a .zip/.tar.gz of such files, answered per file. Send this or 'urls'.",
+                "flac and ogg too), or a .zip/.tar.gz of such files, answered per file; with mode=detect a "
+                "recording of any length. Send this or 'urls'.",
             },
         ),
         "urls": fields.Str(
@@ -311,7 +352,54 @@ def get_predict_args() -> dict[str, fields.Field]:
             validate=validate.Range(min=1, max=MAX_TOP_K),
             metadata={"description": "Number of labels to return, most probable first."},
         ),
+        "mode": fields.Str(
+            load_default="clip",
+            validate=validate.OneOf(["clip", "detect"]),
+            metadata={
+                "enum": ["clip", "detect"],
+                "description": "clip: the top labels of one clip (its loudest window). detect: every keyword "
+                "of a long recording with its time (label, start_s, end_s, score).",
+            },
+        ),
+        "threshold": fields.Float(
+            validate=validate.Range(min=0.0, max=1.0),
+            metadata={"description": "mode=detect: smoothed score a detection needs. Default: the run's "
+                      "calibrated threshold, else 0.7."},  # fmt: skip
+        ),
+        "hop_ms": fields.Float(
+            validate=validate.Range(min=1.0, max=10_000.0),
+            metadata={"description": "mode=detect: time between two scored windows, a multiple of the model's "
+                      "frame stride. Default: two strides (20 ms)."},  # fmt: skip
+        ),
     }
+
+
+def _check_clip_upload(upload, limits: Limits) -> None:
+    """A clip or archive upload within ``max_audio_bytes`` (the field's validator allowed the larger detect bound)."""
+    size = Path(upload.filename).stat().st_size
+    if size > limits.max_audio_bytes:
+        raise InputError(
+            f"the file {upload.original_filename!r} is {size} bytes; the largest accepted is {limits.max_audio_bytes} "
+            f"bytes (operator setting {setting('max_audio_bytes').env}; mode=detect accepts up to "
+            f"{limits.detect_max_audio_bytes})"
+        )
+
+
+def _detect(args, upload, limits: Limits) -> dict[str, Any]:
+    if upload is not None and not args.get("urls") and looks_like_archive(Path(upload.filename), upload.original_filename):
+        raise InputError("mode=detect takes one recording, not an archive")
+    result = detect_request(
+        _state.scorers,
+        _state.models_dir(),
+        file=Path(upload.filename) if upload is not None else None,
+        file_name=upload.original_filename if upload is not None else None,
+        url=args.get("urls"),
+        run=_run_to_use(args.get("run")),
+        threshold=args.get("threshold"),
+        hop_ms=args.get("hop_ms"),
+        limits=limits,
+    )
+    return {"status": "ok", **result}
 
 
 def predict(**args) -> dict[str, Any]:
@@ -320,6 +408,10 @@ def predict(**args) -> dict[str, Any]:
     try:
         with _http_errors():
             limits = Limits.from_env()
+            if args.get("mode") == "detect":
+                return _detect(args, upload, limits)
+            if upload is not None:
+                _check_clip_upload(upload, limits)
             if upload is not None and not args.get("urls") and looks_like_archive(
                 Path(upload.filename), upload.original_filename
             ):

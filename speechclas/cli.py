@@ -1,4 +1,4 @@
-"""Command lines: ``speechclas-train`` and ``speechclas-predict``."""
+"""Command lines: ``speechclas-train``, ``speechclas-predict`` and ``speechclas-detect``."""
 
 from __future__ import annotations
 
@@ -131,6 +131,70 @@ def predict_main(argv: list[str] | None = None) -> int:
         logger.error("%s", exc)
         return 2
     print(json.dumps({"status": "ok", **result}, indent=2))
+    return 0
+
+
+def detect_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="speechclas-detect",
+        description="Find every keyword in a long recording (any length, any format the decoder reads) "
+        "and print the JSON predict mode=detect answers: each detection's label, start_s, end_s and "
+        "smoothed score. Scores are averaged over --average-window-ms; a label fires above --threshold; "
+        "none fires within --suppression-ms of the previous one.",
+    )
+    parser.add_argument("source", metavar="AUDIO", help="audio file (wav, flac, ogg, mp3) or http(s) URL of one")
+    parser.add_argument("--run", help="run folder in the models folder (default: models/api, else the newest finished run)")
+    parser.add_argument("--models-dir", help="folder of trained runs (default: models_dir of etc/config.yaml)")
+    parser.add_argument("--threshold", type=float,
+                        help="smoothed score a detection needs, 0 to 1 (default: the run's calibrated "
+                        "threshold, else 0.7)")  # fmt: skip
+    parser.add_argument("--hop-ms", type=float,
+                        help="time between two scored windows, a multiple of the frame stride (default: two strides)")
+    parser.add_argument("--average-window-ms", type=float, help="scores averaged over this time (default: 500)")
+    parser.add_argument("--suppression-ms", type=float, help="no detection this soon after another (default: 1500)")
+    parser.add_argument("--max-seconds", type=float, help="longest audio accepted (default: 24 h)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+
+    from pathlib import Path
+    from urllib.parse import urlsplit
+
+    from speechclas.audio import AudioError
+    from speechclas.config import ConfigError, load_config
+    from speechclas.detect import CLI_MAX_SECONDS, ScorerCache, detect_request
+    from speechclas.fetch import FetchError
+    from speechclas.limits import Limits, OperatorSettingError
+    from speechclas.predict import InputError
+    from speechclas.rundir import RunNotFoundError
+
+    try:
+        limits = Limits.from_env()
+        models_dir = Path(args.models_dir) if args.models_dir else load_config().path("models_dir")
+    except (ConfigError, OperatorSettingError) as exc:
+        parser.error(str(exc))
+    is_url = urlsplit(args.source).scheme.lower() in ("http", "https")
+    try:
+        result = detect_request(
+            ScorerCache(max_runs=1),
+            models_dir,
+            file=None if is_url else Path(args.source),
+            url=args.source if is_url else None,
+            run=args.run,
+            threshold=args.threshold,
+            hop_ms=args.hop_ms,
+            average_window_ms=args.average_window_ms,
+            suppression_ms=args.suppression_ms,
+            limits=limits,
+            max_seconds=args.max_seconds or CLI_MAX_SECONDS,
+            max_seconds_setting="--max-seconds of speechclas-detect",
+            progress=not args.no_progress and sys.stderr.isatty(),
+        )
+    except (InputError, AudioError, FetchError, RunNotFoundError) as exc:
+        logger.error("%s", exc)
+        return 2
+    print(json.dumps(result, indent=2))
     return 0
 
 

@@ -59,11 +59,12 @@ def _checked_size(raw: str, required: int, limits: Limits) -> int:
     except ValueError:
         raise ServeError(f"{OPTION} must be a whole number of bytes, got {raw!r}") from None
     if size < required:
-        env = setting("max_audio_bytes").env
+        env, detect_env = setting("max_audio_bytes").env, setting("detect_max_audio_bytes").env
         raise ServeError(
             f"{OPTION} {size} is below the {required} bytes an upload of {env}={limits.max_audio_bytes} "
-            f"bytes needs with its form{' (0 would mean no limit at all)' if size == 0 else ''}; "
-            f"leave {OPTION} out, or change {env}"
+            f"bytes (or, for mode=detect, {detect_env}={limits.detect_max_audio_bytes}) needs with its form"
+            f"{' (0 would mean no limit at all)' if size == 0 else ''}; leave {OPTION} out, or change {env}"
+            f" and {detect_env}"
         )
     return size
 

@@ -227,7 +227,9 @@ BAD_PREDICTIONS = {
     "too-long": (lambda clip, base: {"file": wav_bytes(np.zeros(61 * 1000), 1000, subtype="PCM_U8")}, 400,
                  "the longest accepted is 60 s (operator setting SPEECHCLAS_MAX_AUDIO_SECONDS)"),
     "nan-samples": (lambda clip, base: {"file": _nan_wav(clip)}, 400, "not finite numbers"),
-    "oversized-file": (lambda clip, base: {"file": _oversized_wav(clip)}, 422, "largest accepted"),
+    # Above the clip bound, below mode=detect's (SPEECHCLAS_DETECT_MAX_AUDIO_BYTES): refused by the worker.
+    "oversized-file": (lambda clip, base: {"file": _oversized_wav(clip)}, 400,
+                       f"the largest accepted is {MAX_BYTES} bytes (operator setting SPEECHCLAS_MAX_AUDIO_BYTES"),
     "text-instead-of-file": (lambda clip, base: {"data": "yes.wav"}, 422, "must be an uploaded file"),
     "url-unreachable": (lambda clip, base: {"urls": "http://127.0.0.1:1/yes.wav"}, 400, "could not reach"),
     "url-not-audio": (lambda clip, base: {"urls": f"{base}/notes.wav"}, 400, "not a readable audio file"),

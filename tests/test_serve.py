@@ -20,7 +20,7 @@ from tests.processes import free_port, running, serve_command, wait_until_servin
 from tests.test_deepaas_process import PREDICT, REQUEST_TIMEOUT_S
 
 UPLOAD_LIMIT = 200_000  # bytes: small, so that bodies above it are cheap to send
-LIMITS = Limits.defaults().replace(max_audio_bytes=UPLOAD_LIMIT)
+LIMITS = Limits.defaults().replace(max_audio_bytes=UPLOAD_LIMIT, detect_max_audio_bytes=UPLOAD_LIMIT)
 BODY_LIMIT = UPLOAD_LIMIT + MiB
 
 
@@ -67,7 +67,7 @@ def served(tmp_path_factory, trained_run):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "SPEECHCLAS_HOME": str(home), "SPEECHCLAS_MAX_AUDIO_BYTES": str(UPLOAD_LIMIT),
-           "TF_CPP_MIN_LOG_LEVEL": "2"}  # fmt: skip
+           "SPEECHCLAS_DETECT_MAX_AUDIO_BYTES": str(UPLOAD_LIMIT), "TF_CPP_MIN_LOG_LEVEL": "2"}  # fmt: skip
     log = home / "serve.log"
     with running(serve_command(port, workers=1), env, home, log) as process:
         wait_until_serving(url, process, log)
