@@ -38,7 +38,7 @@ import numpy as np
 from speechclas.audio import AudioLimits, AudioSource, open_audio
 from speechclas.fetch import UrlPolicy, fetch_url, redact_url
 from speechclas.limits import Limits, setting
-from speechclas.predict import InputError, feature_sizes, run_sample_rate
+from speechclas.predict import InputError, feature_sizes
 from speechclas.rundir import RunDir, find_run
 
 logger = logging.getLogger(__name__)
@@ -135,6 +135,7 @@ class WindowScorer(Protocol):
     frame_length_samples: int
     window_frames: int
     window_samples: int
+    frame_width: int
 
     def frames(self, samples: np.ndarray) -> np.ndarray:
         """[1 + (n - frame_length) // stride, width] frames of n >= frame_length samples."""
@@ -154,8 +155,10 @@ class FeatureScorer:
         self.frame_length_samples = feature_settings.window_size_samples
         self.window_frames = feature_settings.spectrogram_length
         self.window_samples = feature_settings.desired_samples
+        self.frame_width = feature_settings.fingerprint_width
         self._frames_function = frames_function
         self._features_function = features_function
+        self.owner = None  # what the functions came from (a loaded SavedModel), kept alive with them
 
     def frames(self, samples: np.ndarray) -> np.ndarray:
         return self._frames_function(samples=np.asarray(samples, np.float32))["frames"].numpy()
@@ -178,7 +181,9 @@ class AudioScorer:
         self.frame_length_samples = feature_settings.window_stride_samples  # a frame: the samples of one stride
         self.window_frames = math.ceil(feature_settings.desired_samples / feature_settings.window_stride_samples)
         self.window_samples = feature_settings.desired_samples
+        self.frame_width = feature_settings.window_stride_samples
         self._audio_function = audio_function
+        self.owner = None
 
     def frames(self, samples: np.ndarray) -> np.ndarray:
         count = len(samples) // self.frame_stride_samples
@@ -215,9 +220,9 @@ def load_scorer(run: RunDir) -> FeatureScorer | AudioScorer:
         logger.warning("Run %s has no %r signature (exported before detection): scoring each window's audio, "
                        "which is slower", run.name, FEATURES_SIGNATURE)  # fmt: skip
         scorer = AudioScorer(labels, feature_settings, signatures[AUDIO_SIGNATURE])
-    scorer.loaded = loaded  # the signatures' variables live as long as the object they came from
-    probabilities = scorer.score(np.zeros((1, scorer.window_frames, scorer.frames(
-        np.zeros(scorer.frame_length_samples, np.float32)).shape[1]), np.float32))  # fmt: skip
+    scorer.owner = loaded  # the signatures' variables live as long as the object they came from
+    # The first call traces the functions; pay that here, not in the first request.
+    probabilities = scorer.score(np.zeros((1, scorer.window_frames, scorer.frame_width), np.float32))
     if probabilities.shape[1] != len(labels):
         raise RuntimeError(f"run {run.name}: the model has {probabilities.shape[1]} outputs "
                            f"but labels.txt has {len(labels)} labels")  # fmt: skip
@@ -307,7 +312,7 @@ def stream_scores(
         samples = samples[count * stride :]
         frames = new if frames is None else np.concatenate([frames, new])
         start = next_window - first_frame
-        if start >= 0 and len(frames) - start >= window_frames:
+        if len(frames) - start >= window_frames:
             windows = np.lib.stride_tricks.sliding_window_view(frames[start:], window_frames, axis=0)[::hop_frames]
             batches.add(windows.transpose(0, 2, 1))  # [windows, frames, width]
             next_window += len(windows) * hop_frames
@@ -356,6 +361,8 @@ def detect(
 
     A detection is the top averaged label rising above the threshold (a label
     held above it fires once); none fires within `suppression_ms` of the last one.
+    `times_s` are window ends as `stream_scores` gives them: the first is one clip
+    after the stream's start, so it gives the clip's duration for `start_s`.
     """
     if len(times_s) != len(probabilities) or (len(probabilities) and probabilities.shape[1] != len(labels)):
         raise ValueError(f"{len(times_s)} times, {probabilities.shape} probabilities and {len(labels)} labels disagree")
@@ -481,14 +488,6 @@ def detect_request(
         max_seconds = limits.detect_max_audio_seconds
         max_seconds_setting = f"operator setting {setting('detect_max_audio_seconds').env}"
     bounds = AudioLimits.from_limits(limits).with_max_seconds(max_seconds, max_seconds_setting)
-    settings = DetectSettings.for_features(
-        feature_sizes(run_dir),
-        hop_ms=hop_ms,
-        average_window_ms=average_window_ms,
-        suppression_ms=suppression_ms,
-        threshold=threshold if threshold is not None else default_threshold(run_dir),
-    )
-    settings.hop_frames(feature_sizes(run_dir).window_stride_samples, run_sample_rate(run_dir))
     with tempfile.TemporaryDirectory(prefix="speechclas-detect-") as folder:
         if file is not None:
             source, name = Path(file), f"the file {file_name or Path(file).name!r}"
@@ -498,6 +497,15 @@ def detect_request(
         # Check the header before loading the model, so a bad input is refused without waiting for TensorFlow.
         with open_audio(source, name, bounds):
             pass
+        feature_settings = feature_sizes(run_dir)
+        settings = DetectSettings.for_features(
+            feature_settings,
+            hop_ms=hop_ms,
+            average_window_ms=average_window_ms,
+            suppression_ms=suppression_ms,
+            threshold=threshold if threshold is not None else default_threshold(run_dir),
+        )
+        settings.hop_frames(feature_settings.window_stride_samples, feature_settings.sample_rate)  # refused early
         result = detect_audio(scorers.get(run_dir), source, settings, bounds, name=name, progress=progress)
     logger.info("Detected %d keywords in %s s of audio with run %s", len(result["detections"]),
                 result["duration_s"], run_dir.name)  # fmt: skip

@@ -11,9 +11,11 @@ noise, with the time of each word known.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -404,6 +406,12 @@ def test_predict_mode_detect_through_a_real_deepaas_run(server, run, three_keywo
     assert bad_hop.status_code == 400 and "not a multiple" in bad_hop.json()["message"]
     unknown_mode = requests.post(server + PREDICT, files=upload, data={"mode": "stream"}, timeout=60)
     assert unknown_mode.status_code == 422
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as members:
+        members.write(path, "yes/three.wav")
+    zipped = requests.post(server + PREDICT, files={"data": ("clips.zip", archive.getvalue())},
+                           data={"mode": "detect"}, timeout=60)  # fmt: skip
+    assert zipped.status_code == 400 and "not an archive" in zipped.json()["message"]
 
 
 def test_the_detect_limits_are_operator_settings():

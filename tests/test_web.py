@@ -45,7 +45,10 @@ MICROPHONE_CLIP = demo_clip("yes")
 async def test_the_page_and_its_assets_are_served():
     async with TestClient(TestServer(webserver.make_app("http://127.0.0.1:1"))) as client:
         page = await client.get("/")
-        assert page.status == 200 and 'id="record-button"' in await page.text()
+        text = await page.text()
+        assert page.status == 200
+        for button in ('id="record-button"', 'id="listen-button"', 'id="detect-file-input"'):
+            assert button in text
         for asset in ("/static/app.js", "/static/style.css"):
             assert (await client.get(asset)).status == 200
         assert (await client.get("/static/../webserver.py")).status in (403, 404)
@@ -251,10 +254,9 @@ def test_same_origin(source, host, scheme, same):
 # --- real servers and a real browser ---------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory, trained_run):
-    """deepaas-run with the tiny run, and speechclas-web in front of it; yields both base URLs."""
-    home = make_project_home(tmp_path_factory.mktemp("web-home"), [trained_run])
+@contextlib.contextmanager
+def serving(home: Path):
+    """deepaas-run serving the project folder `home`, and speechclas-web in front of it; yields both base URLs."""
     env = {**os.environ, "SPEECHCLAS_HOME": str(home), "SPEECHCLAS_ALLOW_PRIVATE_URLS": "1",
            "TF_CPP_MIN_LOG_LEVEL": "2"}  # fmt: skip
     api_port, web_port = free_port(), free_port()
@@ -269,7 +271,15 @@ def site(tmp_path_factory, trained_run):
 
 
 @pytest.fixture(scope="module")
-def browser():
+def site(tmp_path_factory, trained_run):
+    """deepaas-run with the tiny run, and speechclas-web in front of it; yields both base URLs."""
+    with serving(make_project_home(tmp_path_factory.mktemp("web-home"), [trained_run])) as urls:
+        yield urls
+
+
+@contextlib.contextmanager
+def chromium(microphone: Path):
+    """Debian's headless Chromium, its fake microphone playing the wav `microphone` (looped)."""
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: run scripts/install_browser.sh (Debian's chromium) to run the browser tests")
     try:
@@ -279,28 +289,45 @@ def browser():
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync",
             "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={MICROPHONE_CLIP}"]  # fmt: skip
+            f"--use-file-for-fake-audio-capture={microphone}"]  # fmt: skip
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=args)
-        yield chromium
-        chromium.close()
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=args)
+        try:
+            yield browser
+        finally:
+            browser.close()
 
 
-@pytest.fixture
-def page(browser, site, request):
-    """A fresh page showing the site, the served model known; screenshotted when the test ends."""
+@pytest.fixture(scope="module")
+def browser():
+    with chromium(MICROPHONE_CLIP) as browser:
+        yield browser
+
+
+@contextlib.contextmanager
+def open_page(browser, web_url: str, screenshot_name: str):
+    """A fresh page showing the site, the served model known; screenshotted when done.
+    Fails on any JavaScript error the page raised."""
     context = browser.new_context(viewport={"width": 1000, "height": 900})
     context.set_default_timeout(TIMEOUT_MS)
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(site[1] + "/")
+    page.goto(web_url + "/")
     page.wait_for_selector("#served:has-text('Serving run')")
-    yield page
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"web-{request.node.name}.png"), full_page=True)
-    context.close()
+    try:
+        yield page
+    finally:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"web-{screenshot_name}.png"), full_page=True)
+        context.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture
+def page(browser, site, request):
+    with open_page(browser, site[1], request.node.name) as page:
+        yield page
 
 
 def wait_for_answer(page) -> None:

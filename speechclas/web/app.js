@@ -1,11 +1,20 @@
 // The speechclas web page: sends a clip (file, URL or microphone) to the DEEPaaS
 // predict endpoint of the server it came from and shows the answer, with the
 // waveform and spectrogram of what was sent, computed here in the browser.
+// Detection (predict with mode=detect): every keyword of a long file, marked on
+// its waveform, or live from the microphone (Listen), sent in overlapping chunks.
 "use strict";
 
 const MODEL_URL = "/v2/models/speechclas/";
 const PREDICT_URL = MODEL_URL + "predict/";
 const RECORD_SECONDS = 1.5;
+// Listen: every LISTEN_EVERY_S a chunk of the newest audio, starting LISTEN_OVERLAP_S before the
+// previous chunk ended. The overlap is longer than a 1 s window, so a keyword cut by one chunk's end
+// is whole in the next one, past the smoothing's start (detect.py needs a few hops before it decides).
+const LISTEN_EVERY_S = 1.0;
+const LISTEN_OVERLAP_S = 1.5;
+const LISTEN_KEEP_S = 30; // audio kept in the page, and the span of the timeline
+const DEFAULT_SUPPRESSION_S = 1.5;
 const DISPLAY_RATE = 16000; // the models' usual rate; the served run's rate replaces it
 const $ = (id) => document.getElementById(id);
 
@@ -137,6 +146,11 @@ function drawWaveform(canvas, samples, rate, window) {
     g.fillStyle = "rgba(47, 111, 219, 0.35)";
     g.fillRect(width * window.start_s / seconds, 0, width * (window.end_s - window.start_s) / seconds, height);
   }
+  drawEnvelope(g, samples, width, height);
+}
+
+function drawEnvelope(g, samples, width, height) {
+  // Each pixel column: a line from the lowest to the highest sample it covers.
   g.strokeStyle = "#9fd3ff"; g.beginPath();
   const perPixel = Math.max(1, Math.floor(samples.length / width));
   for (let x = 0; x < width; x++) {
@@ -148,6 +162,48 @@ function drawWaveform(canvas, samples, rate, window) {
     g.lineTo(x + 0.5, height / 2 - low * height / 2 + 1);
   }
   g.stroke();
+}
+
+const SPAN_COLORS = ["#f6c343", "#54d18a", "#ff7a8a", "#b48cff", "#4fd1e8", "#ff9f43"];
+
+function labelColor(label) {
+  // The same colour for a label everywhere on the page.
+  let hash = 0;
+  for (const c of label) hash = (hash * 31 + c.charCodeAt(0)) >>> 0;
+  return SPAN_COLORS[hash % SPAN_COLORS.length];
+}
+
+function drawSpans(g, spans, fromS, toS, width, height) {
+  // Detections as labelled spans over a time axis from fromS to toS seconds.
+  const x = (t) => width * (t - fromS) / (toS - fromS);
+  g.font = "bold 13px system-ui, sans-serif";
+  g.textBaseline = "top";
+  const rowEnds = []; // where the last label of each text row ends, so labels do not overlap
+  for (const { label, start_s, end_s, score } of spans) {
+    if (end_s < fromS || start_s > toS) continue;
+    const colour = labelColor(label);
+    g.globalAlpha = 0.28; g.fillStyle = colour;
+    g.fillRect(x(start_s), 0, Math.max(2, x(end_s) - x(start_s)), height);
+    g.globalAlpha = 1; g.fillRect(x(end_s) - 1, 0, 2, height);
+    const text = `${label} ${(100 * score).toFixed(0)}%`, textWidth = g.measureText(text).width + 6;
+    let row = rowEnds.findIndex((end) => end < x(start_s));
+    if (row < 0) row = rowEnds.length;
+    rowEnds[row] = x(start_s) + 2 + textWidth;
+    const top = 3 + 19 * row;
+    g.fillStyle = "#10131a"; g.fillRect(x(start_s) + 2, top, textWidth, 17);
+    g.fillStyle = colour; g.fillText(text, x(start_s) + 5, top + 2);
+  }
+}
+
+function drawTimeAxis(g, fromS, toS, width, height) {
+  // A tick and its time every few seconds along the bottom.
+  const step = toS - fromS > 120 ? 30 : toS - fromS > 40 ? 10 : toS - fromS > 8 ? 2 : 0.5;
+  g.fillStyle = "#8892a6"; g.font = "11px system-ui, sans-serif"; g.textBaseline = "bottom";
+  for (let t = Math.ceil(fromS / step) * step; t <= toS; t += step) {
+    const at = width * (t - fromS) / (toS - fromS);
+    g.fillRect(at, height - 4, 1, 4);
+    g.fillText(`${Number(t.toFixed(1))} s`, at + 2, height - 2);
+  }
 }
 
 function color(value) {
@@ -184,8 +240,7 @@ function drawSpectrogram(canvas, frames) {
 
 function showBusy(busy) {
   $("busy").hidden = !busy;
-  for (const id of ["url-button", "record-button"]) $(id).disabled = busy;
-  $("file-input").disabled = busy;
+  for (const id of ["url-button", "record-button", "file-input", "detect-file-input"]) $(id).disabled = busy;
 }
 
 function showError(message) {
@@ -337,6 +392,242 @@ $("record-button").addEventListener("click", async () => {
     button.disabled = false;
     button.classList.remove("recording");
   }
+});
+
+// --- detection: a file, the microphone ---------------------------------------------------
+
+function detectForm(audio, fileName) {
+  // predict with mode=detect; the threshold only if one is typed in (else the run's own).
+  const form = new FormData();
+  form.append("data", audio, fileName);
+  form.append("mode", "detect");
+  const threshold = $("detect-threshold").value.trim();
+  if (threshold !== "") form.append("threshold", threshold);
+  return form;
+}
+
+function detectionRow(cells, detection) {
+  const row = document.createElement("tr");
+  row.className = "detection-row";
+  row.dataset.label = detection.label;
+  row.dataset.start = detection.start_s;
+  row.dataset.end = detection.end_s;
+  row.dataset.score = detection.score;
+  for (const text of cells) row.append(Object.assign(document.createElement("td"), { textContent: text }));
+  row.children[1].style.borderLeft = `6px solid ${labelColor(detection.label)}`;
+  return row;
+}
+
+$("detect-file-input").addEventListener("change", async (event) => {
+  const file = event.target.files[0];
+  if (!file) return;
+  showError("");
+  showBusy(true);
+  $("busy").textContent = `Detecting keywords in ${file.name}…`;
+  delete document.body.dataset.state;
+  try {
+    const answer = await callApi(PREDICT_URL, { method: "POST", body: detectForm(file, file.name) });
+    const found = answer.detections;
+    $("detect-source").textContent = `in ${file.name}`;
+    $("detect-summary").textContent =
+      `${found.length} keyword(s) in ${answer.duration_s} s, found by run ${answer.run} ` +
+      `(threshold ${answer.settings.threshold}, a window every ${answer.settings.hop_ms} ms)`;
+    $("detect-summary").dataset.run = answer.run;
+    $("detect-table").tBodies[0].replaceChildren(...found.map((d, i) => detectionRow(
+      [i + 1, d.label, d.start_s.toFixed(2), d.end_s.toFixed(2), `${(100 * d.score).toFixed(1)} %`], d)));
+    $("detect-result").hidden = false;
+    const canvas = $("detect-waveform"), note = $("detect-note");
+    try {
+      const samples = await decodeMono(await file.arrayBuffer(), served.sampleRate);
+      const g = canvas.getContext("2d");
+      drawWaveform(canvas, samples, served.sampleRate, null);
+      const seconds = samples.length / served.sampleRate;
+      drawSpans(g, found, 0, seconds, canvas.width, canvas.height);
+      drawTimeAxis(g, 0, seconds, canvas.width, canvas.height);
+      note.hidden = true;
+    } catch (error) {
+      note.textContent = `This browser could not decode the audio to draw it (${error.message}); the server could.`;
+      note.hidden = false;
+    }
+    document.body.dataset.state = "done";
+  } catch (error) {
+    showError(error.message);
+    document.body.dataset.state = "error";
+  } finally {
+    showBusy(false);
+    $("busy").textContent = "Classifying…";
+    event.target.value = "";
+  }
+});
+
+class Listener {
+  // The microphone as raw samples at the model's rate, the newest LISTEN_KEEP_S kept; one chunk in flight
+  // at a time, so a slow server makes the chunks longer, never drops audio.
+  constructor(rate) {
+    this.rate = rate;
+    this.blocks = []; // Float32Arrays, oldest first
+    this.keptFrom = 0; // stream sample of blocks[0][0]
+    this.received = 0; // samples since listening started
+    this.sentUpTo = 0; // end of the last chunk sent
+    this.detections = []; // in session time, deduplicated
+    this.running = false;
+  }
+
+  async start() {
+    // Browser voice processing off, as for recording: it would change what the model hears.
+    this.stream = await navigator.mediaDevices.getUserMedia({
+      audio: { autoGainControl: false, echoCancellation: false, noiseSuppression: false, channelCount: 1 },
+    });
+    this.context = new AudioContext({ sampleRate: this.rate });
+    const source = this.context.createMediaStreamSource(this.stream);
+    // A ScriptProcessor hands over raw blocks without a separate worklet file; it must reach the
+    // destination to run, through a muted gain so nothing is played back.
+    this.processor = this.context.createScriptProcessor(4096, 1, 1);
+    this.processor.onaudioprocess = (event) => this.receive(event.inputBuffer.getChannelData(0));
+    const mute = this.context.createGain();
+    mute.gain.value = 0;
+    source.connect(this.processor).connect(mute).connect(this.context.destination);
+    this.running = true;
+    this.loop = this.sendChunks();
+  }
+
+  receive(samples) {
+    this.blocks.push(new Float32Array(samples));
+    this.received += samples.length;
+    while (this.blocks.length && this.received - this.keptFrom - this.blocks[0].length > LISTEN_KEEP_S * this.rate) {
+      this.keptFrom += this.blocks.shift().length;
+    }
+    if (!this.drawPending) {
+      this.drawPending = true;
+      requestAnimationFrame(() => { this.drawPending = false; this.draw(); });
+    }
+  }
+
+  samples(from, to) {
+    // The stream's samples [from, to) still kept.
+    const out = new Float32Array(to - from);
+    let at = this.keptFrom;
+    for (const block of this.blocks) {
+      const lo = Math.max(from, at), hi = Math.min(to, at + block.length);
+      if (lo < hi) out.set(block.subarray(lo - at, hi - at), lo - from);
+      at += block.length;
+    }
+    return out;
+  }
+
+  async sendChunks() {
+    const every = Math.round(LISTEN_EVERY_S * this.rate), overlap = Math.round(LISTEN_OVERLAP_S * this.rate);
+    while (this.running) {
+      if (this.received - this.sentUpTo < every) {
+        await new Promise((resolve) => setTimeout(resolve, 100));
+        continue;
+      }
+      const end = this.received, start = Math.max(this.keptFrom, this.sentUpTo - overlap, 0);
+      this.sentUpTo = end;
+      try {
+        const wav = encodeWav(this.samples(start, end), this.rate);
+        const answer = await callApi(PREDICT_URL, { method: "POST", body: detectForm(wav, "listen.wav") });
+        this.add(answer, start / this.rate);
+        this.chunks = (this.chunks || 0) + 1;
+        $("listen-status").textContent = `Listening: ${this.chunks} chunk(s) searched by run ${answer.run}.`;
+        showError("");
+      } catch (error) {
+        if (this.running) showError(`Listening: ${error.message}`);
+      }
+    }
+  }
+
+  add(answer, offsetS) {
+    // A keyword in two overlapping chunks is one: the same label within the suppression window. Of the
+    // two, the one with more audio before it in its chunk is kept: a chunk that starts in the middle of a
+    // word has no quiet before it to average with, and fires at another time than the whole stream would.
+    const suppressionS = (answer.settings.suppression_ms ?? 1000 * DEFAULT_SUPPRESSION_S) / 1000;
+    for (const d of answer.detections) {
+      const found = {
+        label: d.label, start_s: offsetS + d.start_s, end_s: offsetS + d.end_s, score: d.score,
+        leadS: offsetS === 0 ? Infinity : d.start_s, // the session's first chunk starts where the stream does
+      };
+      const same = this.detections.find((o) => o.label === found.label && Math.abs(o.end_s - found.end_s) <= suppressionS);
+      if (!same) this.detections.push(found);
+      else if (found.leadS > same.leadS) Object.assign(same, found);
+    }
+    this.detections.sort((a, b) => a.end_s - b.end_s);
+    this.showList();
+    this.draw();
+  }
+
+  showList() {
+    $("listen-detections").replaceChildren(...this.detections.map((d) => {
+      const item = document.createElement("li");
+      item.className = "detection";
+      Object.assign(item.dataset, { label: d.label, start: d.start_s, end: d.end_s, score: d.score });
+      const name = Object.assign(document.createElement("span"), { className: "detection-label", textContent: d.label });
+      name.style.color = labelColor(d.label);
+      const when = Object.assign(document.createElement("span"), {
+        className: "detection-time", textContent: `at ${d.end_s.toFixed(2)} s`,
+      });
+      const score = Object.assign(document.createElement("span"), {
+        className: "detection-score", textContent: `${(100 * d.score).toFixed(1)} %`,
+      });
+      item.append(name, when, score);
+      return item;
+    }));
+  }
+
+  draw() {
+    const canvas = $("listen-timeline"), g = canvas.getContext("2d");
+    const { width, height } = canvas;
+    const nowS = this.received / this.rate, fromS = Math.max(0, nowS - LISTEN_KEEP_S), toS = fromS + LISTEN_KEEP_S;
+    g.fillStyle = "#10131a"; g.fillRect(0, 0, width, height);
+    const shown = this.samples(Math.round(fromS * this.rate), this.received);
+    const drawnWidth = Math.round(width * (nowS - fromS) / LISTEN_KEEP_S);
+    if (drawnWidth > 0) drawEnvelope(g, shown, drawnWidth, height);
+    drawSpans(g, this.detections, fromS, toS, width, height);
+    drawTimeAxis(g, fromS, toS, width, height);
+    $("listen-clock").textContent = `${nowS.toFixed(1)} s`;
+  }
+
+  async stop() {
+    this.running = false;
+    this.stream?.getTracks().forEach((track) => track.stop());
+    await this.context?.close();
+    await this.loop; // the chunk in flight is still shown
+  }
+}
+
+let listener = null;
+
+$("listen-button").addEventListener("click", async () => {
+  showError("");
+  $("listen-button").hidden = true;
+  $("listen-stop").hidden = false;
+  delete document.body.dataset.listening;
+  listener = new Listener(served.sampleRate);
+  $("listen-detections").replaceChildren();
+  $("listen-result").hidden = false;
+  try {
+    await listener.start();
+    $("listen-status").textContent = "Listening… say some keywords";
+    document.body.dataset.listening = "on";
+  } catch (error) {
+    await listener.stop();
+    listener = null;
+    $("listen-button").hidden = false;
+    $("listen-stop").hidden = true;
+    $("listen-status").textContent = "Could not listen";
+    showError(`Could not listen to the microphone: ${error.message}`);
+  }
+});
+
+$("listen-stop").addEventListener("click", async () => {
+  $("listen-stop").disabled = true;
+  await listener?.stop();
+  $("listen-status").textContent =
+    `Stopped after ${(listener.received / listener.rate).toFixed(1)} s: ${listener.detections.length} keyword(s).`;
+  $("listen-stop").disabled = false;
+  $("listen-stop").hidden = true;
+  $("listen-button").hidden = false;
+  document.body.dataset.listening = "stopped";
 });
 
 $("record-seconds").textContent = RECORD_SECONDS;
