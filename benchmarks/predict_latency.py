@@ -9,7 +9,8 @@ DEEPaaS's floor is a second ``deepaas-run`` serving DEEPaaS's built-in test mode
 clip: its multipart parsing, the copy of the upload, the hop to the worker and
 back and the response validation, with a model that does nothing. The
 sequential phase goes round the three (in-process request, floor, ours) one
-request each, so the machine's load falls on all three alike; what is ours
+request each, so the machine's load falls on all three alike (and TensorFlow
+idles as long in this process as in the server's worker between two requests); what is ours
 beyond the model is the gap: HTTP p50 - (floor p50 + in-process p50).
 
 Every phase is bounded by a request count and by a time limit. Both servers
@@ -238,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
 
             sequential = {"in-process": local["request"], "floor": floor, "ours": ours}
             timed_rounds(sequential, 10, args.max_seconds)  # warm-up: every worker has loaded the run
-            timed = timed_rounds({"model": local["model"], "decode": local["decode"], **sequential},
+            # In-process TensorFlow idles between its request calls as long as the worker's does.
+            timed = timed_rounds({**sequential, "model": local["model"], "decode": local["decode"]},
                                  args.requests, args.max_seconds)  # fmt: skip
             loaded = concurrent_clients(
                 lambda s: post_clip(s, our_url + OUR_PREDICT, args.clip.name, data, ours_fields),

@@ -374,7 +374,7 @@ def predict(**args) -> dict[str, Any]:
     finally:
         if upload is not None:  # DEEPaaS copies each upload to a temp file it never removes
             Path(upload.filename).unlink(missing_ok=True)
-    # Debug: at info, writing this line would cost more than the rest of our request handling.
+    # Debug: at info, writing it costs about 0.3 ms a request; the server's access log has every request.
     logger.debug("Predicted with run %s: %s", result["run"], result["predictions"][0])
     return {"status": "ok", **result}
 
