@@ -1,18 +1,27 @@
-"""Latency of one prediction in-process and through ``deepaas-run`` on loopback, and throughput
-with concurrent clients.
+"""Latency of one prediction: in-process, through ``deepaas-run`` on loopback, and DEEPaaS's own
+floor for comparison; then throughput with concurrent clients.
 
-    python benchmarks/predict_latency.py --train-demo conv          # trains a throwaway model first
+    python benchmarks/predict_latency.py --train-demo ds_cnn          # trains a throwaway model first
     python benchmarks/predict_latency.py --models-dir models --run 2025-01-01_120000
 
-Every phase is bounded by a request count and by a time limit. The HTTP
-phases start their own ``deepaas-run`` on a free 127.0.0.1 port, serving the
-chosen models folder; it is stopped at the end.
+DEEPaaS's floor is a second ``deepaas-run`` serving DEEPaaS's built-in test model
+(``deepaas-test``, which DEEPaaS serves when it finds no model), sent the same
+clip: its multipart parsing, the copy of the upload, the hop to the worker and
+back and the response validation, with a model that does nothing. The
+sequential phase goes round the three (in-process request, floor, ours) one
+request each, so the machine's load falls on all three alike (and TensorFlow
+idles as long in this process as in the server's worker between two requests); what is ours
+beyond the model is the gap: HTTP p50 - (floor p50 + in-process p50).
+
+Every phase is bounded by a request count and by a time limit. Both servers
+listen on free 127.0.0.1 ports and are stopped at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import logging
 import os
 import shutil
@@ -26,6 +35,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DATA = REPO / "data" / "demo"
+OUR_PREDICT = "/v2/models/speechclas/predict/"
+FLOOR_PREDICT = "/v2/models/deepaas-test/predict/"
+# deepaas-run, made to find no model so that it serves its built-in test model.
+FLOOR_LAUNCHER = """
+import sys
+import deepaas.model.loading
+from deepaas.cmd.run import main
+deepaas.model.loading.get_available_models = lambda version: {}
+sys.argv[0] = "deepaas-run"
+main()
+"""
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -41,6 +61,20 @@ def timed_calls(call, count: int, max_seconds: float) -> list[float]:
         started = time.perf_counter()
         call()
         durations.append(time.perf_counter() - started)
+    return durations
+
+
+def timed_rounds(calls: dict, count: int, max_seconds: float) -> dict[str, list[float]]:
+    """Seconds taken by each call of `calls`, called in turn, up to `count` rounds or `max_seconds`."""
+    durations: dict[str, list[float]] = {name: [] for name in calls}
+    deadline = time.monotonic() + max_seconds
+    for _ in range(count):
+        if time.monotonic() >= deadline:
+            break
+        for name, call in calls.items():
+            started = time.perf_counter()
+            call()
+            durations[name].append(time.perf_counter() - started)
     return durations
 
 
@@ -63,7 +97,9 @@ def train_demo_model(architecture: str, models_dir: Path) -> None:
     train(load_config(overrides), progress=False)
 
 
-def in_process(models_dir: Path, run: str | None, clip: Path, count: int, max_seconds: float) -> dict:
+def in_process_calls(models_dir: Path, run: str | None, clip: Path) -> tuple[str, dict]:
+    """The served run's name and the in-process calls to time: the model alone on one window,
+    decoding and scoring with the loaded Predictor, and `predict_request` (which also finds the run)."""
     from speechclas.audio import decode_audio, fix_length
     from speechclas.predict import PredictorCache, predict_request
     from speechclas.rundir import find_run
@@ -72,16 +108,14 @@ def in_process(models_dir: Path, run: str | None, clip: Path, count: int, max_se
     predictor = cache.get(find_run(models_dir, run))
     settings = predictor.settings
     window = fix_length(decode_audio(clip, settings.sample_rate).samples, settings.desired_samples)
-
-    def request():
-        predict_request(cache, models_dir, file=clip, run=run)
-
-    timed_calls(request, 10, max_seconds)  # warm-up
-    return {
-        "run": predictor.run.name,
-        "request": timed_calls(request, count, max_seconds),
-        "model": timed_calls(lambda: predictor.probabilities(window), count, max_seconds),
+    calls = {
+        "model": lambda: predictor.probabilities(window),
+        "decode": lambda: predictor.predict(decode_audio(clip, settings.sample_rate)),
+        "request": lambda: predict_request(cache, models_dir, file=clip, run=run),
     }
+    for call in calls.values():
+        timed_calls(call, 10, 30)  # warm-up
+    return predictor.run.name, calls
 
 
 def free_port() -> int:
@@ -90,66 +124,80 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_deepaas(models_dir: Path, home: Path, workers: int) -> tuple[subprocess.Popen, str]:
-    """``deepaas-run`` serving `models_dir`, through a project folder of its own (SPEECHCLAS_HOME)."""
+def deepaas_options(port: int, workers: int) -> list[str]:
+    return ["--listen-ip", "127.0.0.1", "--listen-port", str(port), "--workers", str(workers)]
+
+
+@contextlib.contextmanager
+def serving(command: list[str], env: dict, port: int, log_path: Path):
+    """A server process started with `command`, its URL once it answers; stopped on exit."""
     import requests
 
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                raise SystemExit(f"{command[0]} exited; see {log_path}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{command[0]} did not start within 180 s; see {log_path}")
+            try:
+                requests.get(url + "/v2/", timeout=2)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def our_server(models_dir: Path, home: Path, workers: int):
+    """``deepaas-run`` serving `models_dir`, through a project folder of its own (SPEECHCLAS_HOME)."""
     (home / "etc").mkdir(parents=True)
     shutil.copy(REPO / "etc" / "config.yaml", home / "etc" / "config.yaml")
     (home / "models").symlink_to(models_dir.resolve(), target_is_directory=True)
     port = free_port()
     env = {**os.environ, "SPEECHCLAS_HOME": str(home), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    command = [str(Path(sys.executable).parent / "deepaas-run"), "--listen-ip", "127.0.0.1",
-               "--listen-port", str(port), "--workers", str(workers)]  # fmt: skip
-    log = (home / "deepaas.log").open("w")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"deepaas-run exited; see {home / 'deepaas.log'}")
-        try:
-            requests.get(url + "/v2/", timeout=2)
-            return process, url
-        except requests.ConnectionError:
-            time.sleep(0.5)
-    process.terminate()
-    raise SystemExit("deepaas-run did not start within 180 s")
+    command = [str(Path(sys.executable).parent / "deepaas-run"), *deepaas_options(port, workers)]
+    return serving(command, env, port, home / "deepaas.log")
 
 
-def over_http(url: str, run: str, clip: Path, count: int, concurrency: int, max_seconds: float) -> dict:
+def floor_server(folder: Path, workers: int):
+    """``deepaas-run`` serving DEEPaaS's own test model (see FLOOR_LAUNCHER)."""
+    port = free_port()
+    command = [sys.executable, "-c", FLOOR_LAUNCHER, *deepaas_options(port, workers)]
+    return serving(command, dict(os.environ), port, folder / "deepaas-floor.log")
+
+
+def post_clip(session, url: str, clip_name: str, data: bytes, fields: dict) -> None:
+    response = session.post(url, files={"data": (clip_name, data, "audio/wav")}, data=fields, timeout=60)
+    response.raise_for_status()
+
+
+def concurrent_clients(request, count: int, concurrency: int, max_seconds: float) -> dict:
+    """Latencies of `concurrency` clients sending `count` requests between them, and requests/s."""
     import requests
-
-    endpoint = url + "/v2/models/speechclas/predict/"
-    data = clip.read_bytes()
-
-    def client(session: requests.Session, requests_left: int, deadline: float) -> list[float]:
-        def request():
-            response = session.post(endpoint, files={"data": (clip.name, data, "audio/wav")},
-                                    data={"run": run}, timeout=60)  # fmt: skip
-            response.raise_for_status()
-
-        return timed_calls(request, requests_left, deadline - time.monotonic())
-
-    with requests.Session() as session:
-        client(session, 10, time.monotonic() + max_seconds)  # warm-up: every worker has loaded the run
-        single = client(session, count, time.monotonic() + max_seconds)
 
     sessions = [requests.Session() for _ in range(concurrency)]
     deadline = time.monotonic() + max_seconds
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda s: client(s, count // concurrency, deadline), sessions))
+        results = list(pool.map(
+            lambda s: timed_calls(lambda: request(s), count // concurrency, deadline - time.monotonic()), sessions
+        ))  # fmt: skip
     elapsed = time.perf_counter() - started
     for session in sessions:
         session.close()
     loaded = [d for durations in results for d in durations]
-    return {"single": single, "loaded": loaded, "throughput": len(loaded) / elapsed}
+    return {"loaded": loaded, "throughput": len(loaded) / elapsed}
 
 
 def row(name: str, durations: list[float]) -> str:
     median, p95 = statistics.median(durations) * 1000, percentile(durations, 0.95) * 1000
-    return f"| {name:<44} | {len(durations):>5} | {median:>8.2f} | {p95:>8.2f} |"
+    return f"| {name:<48} | {len(durations):>5} | {median:>9.2f} | {p95:>7.2f} |"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,40 +205,64 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--models-dir", type=Path, help="folder of trained runs to serve")
     source.add_argument("--train-demo", metavar="ARCHITECTURE", help="train a throwaway model of this architecture")
-    parser.add_argument("--run", help="run to use (default: the served one)")
+    parser.add_argument("--run", help="run to use (default: the served one, as a client naming none gets)")
     parser.add_argument("--clip", type=Path, default=min((DEMO_DATA / "yes").glob("*.wav")), help="audio file to send")
     parser.add_argument("--requests", type=int, default=200, help="requests per phase (default 200)")
-    parser.add_argument("--max-seconds", type=float, default=30.0, help="time limit per phase (default 30)")
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="time limit per phase (default 60)")
     parser.add_argument("--concurrency", type=int, default=4, help="concurrent HTTP clients (default 4)")
     parser.add_argument("--workers", type=int, default=1, help="deepaas-run --workers (default 1)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.WARNING)
+    import requests
 
     with tempfile.TemporaryDirectory(prefix="speechclas-bench-") as scratch:
         models_dir = args.models_dir
         if args.train_demo:
             models_dir = Path(scratch) / "models"
             train_demo_model(args.train_demo, models_dir)
-        local = in_process(models_dir, args.run, args.clip, args.requests, args.max_seconds)
-        process, url = start_deepaas(models_dir, Path(scratch) / "home", args.workers)
-        try:
-            http = over_http(url, local["run"], args.clip, args.requests, args.concurrency, args.max_seconds)
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
+        run, local = in_process_calls(models_dir, args.run, args.clip)
+        data = args.clip.read_bytes()
+        ours_fields = {"run": args.run} if args.run else {}
+        with (
+            floor_server(Path(scratch), args.workers) as floor_url,
+            our_server(models_dir, Path(scratch) / "home", args.workers) as our_url,
+            requests.Session() as floor_session,
+            requests.Session() as our_session,
+        ):
 
-    print(f"run {local['run']}, clip {args.clip.name}, deepaas-run --workers {args.workers}, "
-          f"{os.cpu_count()} CPUs")  # fmt: skip
-    print("| what                                         |     n | median ms |  p95 ms |")
-    print("|----------------------------------------------|------:|----------:|--------:|")
-    print(row("in-process: model only (one 1 s window)", local["model"]))
-    print(row("in-process: predict_request (decode + model)", local["request"]))
-    print(row("HTTP deepaas-run, 1 client", http["single"]))
-    print(row(f"HTTP deepaas-run, {args.concurrency} concurrent clients", http["loaded"]))
-    print(f"throughput with {args.concurrency} clients: {http['throughput']:.1f} requests/s")
-    in_process_median = statistics.median(local["request"])
-    print(f"HTTP / in-process median latency: {statistics.median(http['single']) / in_process_median:.1f}x")
+            def floor():
+                post_clip(floor_session, floor_url + FLOOR_PREDICT, args.clip.name, data, {"parameter": "1"})
+
+            def ours():
+                post_clip(our_session, our_url + OUR_PREDICT, args.clip.name, data, ours_fields)
+
+            sequential = {"in-process": local["request"], "floor": floor, "ours": ours}
+            timed_rounds(sequential, 10, args.max_seconds)  # warm-up: every worker has loaded the run
+            # In-process TensorFlow idles between its request calls as long as the worker's does.
+            timed = timed_rounds({**sequential, "model": local["model"], "decode": local["decode"]},
+                                 args.requests, args.max_seconds)  # fmt: skip
+            loaded = concurrent_clients(
+                lambda s: post_clip(s, our_url + OUR_PREDICT, args.clip.name, data, ours_fields),
+                args.requests, args.concurrency, args.max_seconds,
+            )  # fmt: skip
+
+    print(f"run {run}, clip {args.clip.name}, deepaas-run --workers {args.workers}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(f"| {'what':<48} |     n | median ms |  p95 ms |")
+    print(f"|{'-' * 50}|------:|----------:|--------:|")
+    print(row("in-process: model only (one 1 s window)", timed["model"]))
+    print(row("in-process: decode + model (loaded Predictor)", timed["decode"]))
+    print(row("in-process: predict_request (+ finding the run)", timed["in-process"]))
+    print(row("DEEPaaS floor: deepaas-run, its test model", timed["floor"]))
+    print(row("HTTP deepaas-run, 1 client", timed["ours"]))
+    print(row(f"HTTP deepaas-run, {args.concurrency} concurrent clients", loaded["loaded"]))
+    print(f"throughput with {args.concurrency} clients: {loaded['throughput']:.1f} requests/s")
+    floor_p50, local_p50, ours_p50 = (statistics.median(timed[name]) * 1000 for name in ("floor", "in-process", "ours"))
+    gap = ours_p50 - (floor_p50 + local_p50)
+    print(f"gap: HTTP p50 - (floor p50 + in-process p50) = {ours_p50:.2f} - ({floor_p50:.2f} + {local_p50:.2f}) "
+          f"= {gap:.2f} ms")  # fmt: skip
+    print(f"HTTP / in-process median latency: {ours_p50 / local_p50:.1f}x")
     return 0
 
 

@@ -58,7 +58,7 @@ from speechclas.predict import (
     PredictorCache,
     predict_request,
 )
-from speechclas.rundir import RunNotFoundError, served_run
+from speechclas.rundir import RunDir, RunNotFoundError, ServedRunCache
 from speechclas.trainproc import TrainingProcessError, error_message, train_in_process
 
 logger = logging.getLogger(__name__)
@@ -68,23 +68,29 @@ _PACKAGE = "speechclas"
 
 
 class _ProcessState:
-    """What one process keeps between DEEPaaS calls: the loaded runs, and the
-    models folder of etc/config.yaml (parsing it costs more than a prediction,
-    so it is read again only when the file changes). Empty until first used."""
+    """What one process keeps between DEEPaaS calls, each piece keyed so that it follows the
+    disk: the loaded runs, the served run's choice (`rundir.ServedRunCache`), and the models
+    folder of etc/config.yaml (parsing it costs more than a prediction, so it is read again
+    only when the file changes). Empty until first used."""
 
     def __init__(self) -> None:
         self.predictors = PredictorCache()
         self.scorers = ScorerCache()
+        self.served_runs = ServedRunCache()
         self._models_dir: tuple[tuple[str, int], Path] | None = None
 
-    def models_dir(self) -> Path:
+    def models_dir(self, limits: Limits) -> Path:
         """Where runs are served from and API trainings write: the operator's
         ``SPEECHCLAS_MODELS_DIR`` if set, else ``models_dir`` of etc/config.yaml."""
         config_path = default_config_path()
         stamp = (str(config_path), config_path.stat().st_mtime_ns)
         if self._models_dir is None or self._models_dir[0] != stamp:
             self._models_dir = (stamp, load_config(path=config_path).path("models_dir"))
-        return Limits.from_env().resolved_models_dir(self._models_dir[1])
+        return limits.resolved_models_dir(self._models_dir[1])
+
+    def served_run(self, limits: Limits) -> tuple[RunDir, str]:
+        """The run answering requests that name none, and why (`rundir.served_run`)."""
+        return self.served_runs.get(self.models_dir(limits), limits.run)
 
 
 # The module's one piece of mutable state: DEEPaaS runs our functions in worker processes
@@ -148,27 +154,21 @@ def _http_errors():
 def _served_model() -> dict[str, Any] | None:
     """Run served by default, why it is (the operator's pin, models/api or the newest
     finished run), its labels and audio settings, read from disk. None: no run yet."""
-    pinned = Limits.from_env().run
+    limits = Limits.from_env()
     try:
-        run, reason = served_run(_state.models_dir(), pinned)
+        run, reason = _state.served_run(limits)
         return {"run": run.name, "reason": reason, "labels": run.labels(),
                 "settings": run.configuration().get("model_settings", {})}  # fmt: skip
     except RunNotFoundError as exc:
-        return {"run": None, "reason": None, "error": str(exc)} if pinned else None
+        return {"run": None, "reason": None, "error": str(exc)} if limits.run else None
     except (OSError, ValueError) as exc:
         logger.warning("Cannot describe the served model: %s", exc)
         return None
 
 
-def _run_to_use(requested: str | None) -> str | None:
-    """The run a prediction names, else the operator's pinned one (checked here, so that
-    a pin that cannot be served is a 404 naming the pin), else None: the default."""
-    if requested:
-        return requested
-    pinned = Limits.from_env().run
-    if not pinned:
-        return None
-    return served_run(_state.models_dir(), pinned)[0].name
+def _run_to_use(requested: str | None, limits: Limits) -> str:
+    """The run a prediction names, else the served one (a pin that cannot be served is a 404 naming the pin)."""
+    return requested or _state.served_run(limits)[0].name
 
 
 def get_metadata() -> dict[str, Any]:
@@ -191,7 +191,7 @@ def warm() -> None:
     """Load the served model in this worker; without one the service still starts (and can train)."""
     _ensure_worker_logging()
     try:
-        run, reason = served_run(_state.models_dir(), Limits.from_env().run)
+        run, reason = _state.served_run(Limits.from_env())
         _state.predictors.get(run)
     except RunNotFoundError as exc:
         logger.info("No model to load yet: %s", exc)
@@ -220,10 +220,16 @@ class _Window(marshmallow.Schema):
     )
 
 
-class PredictionResponse(marshmallow.Schema):
+class ClipPredictionResponse(marshmallow.Schema):
+    """The answer for one clip (`speechclas.predict.predict_request`)."""
+
     status = fields.Str(required=True, validate=validate.Equal("ok"))
     predictions = fields.List(
         fields.Nested(_Label), required=True, metadata={"description": "Top labels, most probable first"}
+    )
+    labels = fields.List(fields.Str(), required=True, metadata={"description": "The labels of predictions, in order"})
+    probabilities = fields.List(
+        fields.Float(), required=True, metadata={"description": "Their probabilities, in the same order"}
     )
     run = fields.Str(required=True, metadata={"description": "Run (models/ folder) that answered"})
     duration_s = fields.Float(required=True, metadata={"description": "Duration of the input (s)"})
@@ -253,19 +259,6 @@ class ArchivePredictionResponse(marshmallow.Schema):
     metrics = fields.Dict(metadata={"description": "Accuracy, per-class metrics, confusion matrix (labelled clips)"})
 
 
-class PredictResponse(PredictionResponse):
-    """One clip's answer, or for an archive upload an ArchivePredictionResponse."""
-
-    files = fields.List(fields.Nested(_FileAnswer), metadata={"description": "Archive uploads only: per file"})
-    summary = fields.Dict(metadata={"description": "Archive uploads only: files, failed, unlabelled"})
-    metrics = fields.Dict(metadata={"description": "Archive uploads only, when clips sit in label folders"})
-
-    def load(self, data, **kwargs):
-        if isinstance(data, dict) and "files" in data:
-            return ArchivePredictionResponse().load(data, **kwargs)
-        return PredictionResponse().load(data, **kwargs)
-
-
 class _Detection(marshmallow.Schema):
     label = fields.Str(required=True)
     start_s = fields.Float(required=True, metadata={"description": "Start of the window that fired (s)"})
@@ -289,21 +282,53 @@ class DetectionResponse(marshmallow.Schema):
     duration_s = fields.Float(required=True, metadata={"description": "Duration of the recording (s)"})
     settings = fields.Nested(_DetectSettings, required=True)
     detections = fields.List(fields.Nested(_Detection), required=True, metadata={"description": "In time order"})
+    labels = fields.List(fields.Str(), required=True, metadata={"description": "The detections' labels, in order"})
+    probabilities = fields.List(fields.Float(), required=True, metadata={"description": "Their scores"})
 
 
-class PredictResponseAnyMode(PredictResponse):
-    """One clip's answer, an archive's (ArchivePredictionResponse) or, for ``mode=detect``, a DetectionResponse."""
+# Each answer's shape, told by a field only it has; a clip's otherwise. Instances are reused: they
+# hold no state between loads, and building one costs more than validating an answer with it.
+_ANSWER_SHAPES = (("files", ArchivePredictionResponse()), ("detections", DetectionResponse()))
+_CLIP_ANSWER = ClipPredictionResponse()
 
+
+class ModelPredictionResponse(marshmallow.Schema):
+    """Every predict answer, under the name DEEPaaS gives a model's response schema.
+
+    swagger.json names a schema by its class. The AI4OS platform's Gradio UI
+    (ai4os/deepaas_ui) reads ``definitions.ModelPredictionResponse`` and, when
+    it has ``labels`` and ``probabilities``, shows them as a classification
+    (Label) widget. The fields document all shapes, so few are required;
+    `load`, which DEEPaaS calls on every answer, validates an answer against
+    its own shape: a clip's (`ClipPredictionResponse`), an archive's or a
+    detection's (``mode=detect``, whose ``labels`` and ``probabilities`` are
+    the detected keywords and their scores, so the widget shows them too).
+    """
+
+    status = fields.Str(required=True, validate=validate.Equal("ok"))
+    run = fields.Str(required=True, metadata={"description": "Run (models/ folder) that answered"})
+    predictions = fields.List(fields.Nested(_Label), metadata={"description": "Top labels, most probable first"})
+    labels = fields.List(fields.Str(), metadata={"description": "The labels of predictions, in order"})
+    probabilities = fields.List(fields.Float(), metadata={"description": "Their probabilities, in the same order"})
+    duration_s = fields.Float(metadata={"description": "Duration of the input (s)"})
+    sample_rate = fields.Int(metadata={"description": "Sample rate of the input (Hz)"})
+    channels = fields.Int(metadata={"description": "Channels of the input (mixed to mono)"})
+    window = fields.Nested(_Window)
+    files = fields.List(fields.Nested(_FileAnswer), metadata={"description": "Archive uploads only: per file"})
+    summary = fields.Dict(metadata={"description": "Archive uploads only: files, failed, unlabelled"})
+    metrics = fields.Dict(metadata={"description": "Archive uploads only, when clips sit in label folders"})
     settings = fields.Nested(_DetectSettings, metadata={"description": "mode=detect only"})
-    detections = fields.List(fields.Nested(_Detection), metadata={"description": "mode=detect only"})
+    detections = fields.List(fields.Nested(_Detection), metadata={"description": "mode=detect only, in time order"})
 
     def load(self, data, **kwargs):
-        if isinstance(data, dict) and "detections" in data:
-            return DetectionResponse().load(data, **kwargs)
-        return super().load(data, **kwargs)
+        if isinstance(data, dict):
+            for field, shape in _ANSWER_SHAPES:
+                if field in data:
+                    return shape.load(data, **kwargs)
+        return _CLIP_ANSWER.load(data, **kwargs)
 
 
-schema = PredictResponseAnyMode
+schema = ModelPredictionResponse
 
 
 def _upload_check(max_bytes: int):
@@ -390,16 +415,19 @@ def _detect(args, upload, limits: Limits) -> dict[str, Any]:
         raise InputError("mode=detect takes one recording, not an archive")
     result = detect_request(
         _state.scorers,
-        _state.models_dir(),
+        _state.models_dir(limits),
         file=Path(upload.filename) if upload is not None else None,
         file_name=upload.original_filename if upload is not None else None,
         url=args.get("urls"),
-        run=_run_to_use(args.get("run")),
+        run=_run_to_use(args.get("run"), limits),
         threshold=args.get("threshold"),
         hop_ms=args.get("hop_ms"),
         limits=limits,
     )
-    return {"status": "ok", **result}
+    # The AI4OS UI's Label widget reads these two lists of every answer.
+    detections = result["detections"]
+    return {"status": "ok", **result, "labels": [d["label"] for d in detections],
+            "probabilities": [d["score"] for d in detections]}
 
 
 def predict(**args) -> dict[str, Any]:
@@ -412,34 +440,31 @@ def predict(**args) -> dict[str, Any]:
                 return _detect(args, upload, limits)
             if upload is not None:
                 _check_clip_upload(upload, limits)
+            models_dir = _state.models_dir(limits)
+            run = _run_to_use(args.get("run"), limits)
+            top_k = args.get("top_k", DEFAULT_TOP_K)
             if upload is not None and not args.get("urls") and looks_like_archive(
                 Path(upload.filename), upload.original_filename
             ):
-                result = predict_archive(
-                    _state.predictors,
-                    _state.models_dir(),
-                    Path(upload.filename),
-                    archive_name=upload.original_filename,
-                    run=_run_to_use(args.get("run")),
-                    top_k=args.get("top_k", DEFAULT_TOP_K),
-                    max_files=limits.max_archive_members,
-                    limits=limits,
-                )
+                result = predict_archive(_state.predictors, models_dir, Path(upload.filename),
+                                         archive_name=upload.original_filename, run=run, top_k=top_k,
+                                         max_files=limits.max_archive_members, limits=limits)  # fmt: skip
                 return {"status": "ok", **result}
             result = predict_request(
                 _state.predictors,
-                _state.models_dir(),
+                models_dir,
                 file=Path(upload.filename) if upload is not None else None,
                 file_name=upload.original_filename if upload is not None else None,
                 url=args.get("urls"),
-                run=_run_to_use(args.get("run")),
-                top_k=args.get("top_k", DEFAULT_TOP_K),
+                run=run,
+                top_k=top_k,
                 limits=limits,
             )
     finally:
         if upload is not None:  # DEEPaaS copies each upload to a temp file it never removes
             Path(upload.filename).unlink(missing_ok=True)
-    logger.info("Predicted with run %s: %s", result["run"], result["predictions"][0])
+    # Debug: at info, writing it costs about 0.3 ms a request; the server's access log has every request.
+    logger.debug("Predicted with run %s: %s", result["run"], result["predictions"][0])
     return {"status": "ok", **result}
 
 

@@ -151,16 +151,26 @@ class Predictor:
 class PredictorCache:
     """The last few runs loaded, so a run is loaded once and not per request.
 
-    Keyed by run folder and the time its DONE marker was written, so a
-    ``models/api`` folder replaced by an operator is loaded again.
+    Keyed by run folder and its DONE marker (inode, mtime and ctime), so a
+    ``models/api`` folder replaced by an operator is loaded again, also by a
+    copy that kept the marker's mtime (``cp -a``).
     """
 
     def __init__(self, max_runs: int = 3):
         self.max_runs = max_runs
-        self._loaded: collections.OrderedDict[tuple[str, int], Predictor] = collections.OrderedDict()
+        self._loaded: collections.OrderedDict[tuple[str, int, int, int], Predictor] = collections.OrderedDict()
+
+    @staticmethod
+    def _key(run: RunDir) -> tuple[str, int, int, int]:
+        marker = run.done_path.stat()
+        return str(run.root), marker.st_ino, marker.st_mtime_ns, marker.st_ctime_ns
+
+    def loaded(self, run: RunDir) -> Predictor | None:
+        """The run's Predictor if it is loaded and current; never loads."""
+        return self._loaded.get(self._key(run))
 
     def get(self, run: RunDir) -> Predictor:
-        key = (str(run.root), run.done_path.stat().st_mtime_ns)
+        key = self._key(run)
         predictor = self._loaded.get(key)
         if predictor is None:
             predictor = Predictor.load(run)
@@ -201,10 +211,18 @@ def predict_request(
         raise InputError("send either an audio file ('data') or a URL ('urls'), not both")
     run_dir = find_run(models_dir, run)
     # Decode before loading the model, so a bad input is refused without waiting for TensorFlow.
-    rate = run_sample_rate(run_dir)
+    predictor = predictors.loaded(run_dir)
+    rate = predictor.settings.sample_rate if predictor is not None else run_sample_rate(run_dir)
     if file is not None:
         audio = decode_audio(file, rate, name=f"the file {file_name or Path(file).name!r}", limits=limits)
     else:
         data = download_audio(url, UrlPolicy.for_audio(limits or Limits.defaults()))
         audio = decode_audio(data, rate, name=f"the download of {redact_url(url)}", limits=limits)
-    return predictors.get(run_dir).predict(audio, top_k)
+    answer = (predictor or predictors.get(run_dir)).predict(audio, top_k)
+    return {"predictions": answer["predictions"], **label_lists(answer["predictions"]), **answer}
+
+
+def label_lists(predictions: list[dict[str, Any]]) -> dict[str, list]:
+    """`predictions` as the two lists the AI4OS platform's UI shows as a classification
+    (``labels`` and ``probabilities``, most probable first)."""
+    return {"labels": [p["label"] for p in predictions], "probabilities": [p["probability"] for p in predictions]}

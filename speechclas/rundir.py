@@ -10,6 +10,7 @@ import dataclasses
 import datetime as dt
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +186,58 @@ def served_run(models_dir: Path, pinned: str = "") -> tuple[RunDir, str]:
     if not runs:
         raise RunNotFoundError("no trained model yet: train one first")
     return runs[-1], NEWEST_REASON
+
+
+class ServedRunCache:
+    """`served_run`, remembered while nothing on disk could have changed its answer.
+
+    Choosing lists the models folder and stats every run's marker, on every
+    request that names no run. The answer is kept with what would change it:
+    the folder's mtime (a run folder added, removed or renamed, models/api
+    replaced) and the DONE markers that decided it (the chosen run's, and
+    for the newest run models/api's and those of the unfinished runs newer
+    than it: a training that finishes writes its marker inside its own
+    folder, which the folder's mtime does not show). A folder modified
+    within `settle_ns` before the choice is not trusted (a change in the
+    same clock tick leaves the mtime as it was) and is listed again next
+    time. Not found is never remembered.
+    """
+
+    def __init__(self, settle_ns: int = 1_000_000_000):
+        self.settle_ns = settle_ns
+        self._key: tuple[Path, str, int] | None = None
+        self._answer: tuple[RunDir, str] | None = None
+        self._markers: tuple[tuple[Path, bool], ...] = ()
+
+    def get(self, models_dir: Path, pinned: str = "") -> tuple[RunDir, str]:
+        """What `served_run(models_dir, pinned)` answers now."""
+        key = (models_dir, pinned, _mtime_ns(models_dir))
+        if key == self._key and all(path.is_file() == exists for path, exists in self._markers):
+            return self._answer
+        self._key = None
+        answer = served_run(models_dir, pinned)
+        markers = _deciding_markers(models_dir, *answer)
+        if markers is not None and key[2] < time.time_ns() - self.settle_ns:
+            self._key, self._answer, self._markers = key, answer, markers
+        return answer
+
+
+def _deciding_markers(models_dir: Path, run: RunDir, reason: str) -> tuple[tuple[Path, bool], ...] | None:
+    """The markers whose existence made `run` the served one, each with that existence;
+    None if one has already changed since the choice."""
+    must_exist = [run.done_path]
+    must_not = []
+    if reason == NEWEST_REASON:
+        must_not.append(RunDir(models_dir / API_RUN).done_path)
+        must_not += [RunDir(path).done_path for path in models_dir.iterdir()
+                     if _RUN_NAME.match(path.name) and path.name > run.name]  # fmt: skip
+    if not all(path.is_file() for path in must_exist) or any(path.is_file() for path in must_not):
+        return None
+    return tuple((path, True) for path in must_exist) + tuple((path, False) for path in must_not)
+
+
+def _mtime_ns(folder: Path) -> int:
+    try:
+        return folder.stat().st_mtime_ns
+    except FileNotFoundError:
+        return -1

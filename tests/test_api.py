@@ -8,10 +8,12 @@ worker. One app (one worker) serves the whole module.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import pickle
 import shutil
 import time
+import zipfile
 
 import aiohttp
 import numpy as np
@@ -20,6 +22,7 @@ import pytest_asyncio
 import soundfile
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from marshmallow import ValidationError
 
 from speechclas import api
 from speechclas.audio import fix_length
@@ -150,6 +153,48 @@ async def test_openapi_documents_the_arguments(client):
     assert "learning rate" in train_params["learning_rate"]["description"].lower()
 
 
+# What the AI4OS platform's Gradio UI (ai4os/deepaas_ui, launch.py and ui_utils.py) reads of swagger.json:
+# the properties of definitions.ModelPredictionResponse, each turned into an output by its type; with
+# `labels` and `probabilities` among them it adds a classification (Label) widget.
+UI_RENDERED_TYPES = {None, "string", "boolean", "integer", "number", "array", "object"}
+
+
+async def test_swagger_names_the_answer_as_the_ai4os_ui_reads_it(client):
+    spec = await (await client.get("/swagger.json")).json()
+    answer = spec["paths"][PREDICT]["post"]["responses"]["200"]["schema"]
+    assert answer == {"$ref": "#/definitions/ModelPredictionResponse"}
+    properties = spec["definitions"]["ModelPredictionResponse"]["properties"]
+    assert {"labels", "probabilities", "predictions"} <= set(properties)
+    assert (properties["labels"]["items"]["type"], properties["probabilities"]["items"]["type"]) == ("string", "number")
+    assert {name: field.get("type") for name, field in properties.items()
+            if field.get("type") not in UI_RENDERED_TYPES} == {}  # fmt: skip
+    # A string whose description names a medium would be shown as that medium (base64 expected).
+    media = [name for name, field in properties.items() if field.get("type") == "string"
+             and any(word in field.get("description", "").lower() for word in ("image", "audio", "video"))]  # fmt: skip
+    assert media == []
+    assert "application/json" in spec["paths"][PREDICT]["post"]["produces"]
+
+
+async def test_the_schema_holds_each_answer_to_its_own_shape(client):
+    body = await predict_ok(client, file=demo_clip("yes").read_bytes())
+    for missing in ("labels", "probabilities", "predictions", "window"):
+        with pytest.raises(ValidationError, match=missing):
+            api.schema().load({key: value for key, value in body.items() if key != missing})
+    with pytest.raises(ValidationError, match="probabilities"):
+        api.schema().load({**body, "probabilities": ["high"]})
+
+
+async def test_an_archive_answer_still_validates(client, trained_run):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("yes/a.wav", demo_clip("yes").read_bytes())
+        archive.writestr("no/b.wav", demo_clip("no").read_bytes())
+    body = await predict_ok(client, file=buffer.getvalue(), filename="clips.zip")
+    assert api.schema().load(body)  # what DEEPaaS validated before answering
+    assert body["run"] == trained_run.name and body["summary"]["files"] == 2
+    assert [len(entry["predictions"]) for entry in body["files"]] == [5, 5]
+
+
 # --- predictions ----------------------------------------------------------------------------
 
 
@@ -161,6 +206,9 @@ async def test_upload_answers_the_top5(client, trained_run, clip):
     scores = [p["probability"] for p in body["predictions"]]
     assert len(scores) == 5 and scores == sorted(scores, reverse=True)
     assert {p["label"] for p in body["predictions"]} <= set(trained_run.labels())
+    # The same, as the two lists the AI4OS platform's UI shows as a classification.
+    assert body["labels"] == [p["label"] for p in body["predictions"]]
+    assert body["probabilities"] == scores
     assert body["window"]["selection"] == "whole"
     assert (body["duration_s"], body["sample_rate"], body["channels"]) == (1.0, 16000, 1)
 

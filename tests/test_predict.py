@@ -6,11 +6,13 @@ import json
 import os
 import shutil
 import tempfile
+import time
 
 import numpy as np
 import pytest
 import soundfile
 
+from speechclas import rundir
 from speechclas.audio import AudioError, decode_audio, fix_length
 from speechclas.cli import predict_main
 from speechclas.fetch import FetchError
@@ -24,7 +26,7 @@ from speechclas.predict import (
     predict_request,
     run_sample_rate,
 )
-from speechclas.rundir import RunDir, RunNotFoundError
+from speechclas.rundir import API_REASON, NEWEST_REASON, RunDir, RunNotFoundError, ServedRunCache
 from tests.conftest import demo_clip, wav_bytes
 from tests.http_server import respond, serve_directory
 
@@ -158,6 +160,78 @@ def test_cache_loads_a_run_once_and_again_when_replaced(trained_run):
     stat = trained_run.done_path.stat()
     os.utime(trained_run.done_path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
     assert cache.get(trained_run) is not first
+
+
+_real_served_run = rundir.served_run
+
+
+def _settled(folder):
+    """Date the folder's last change 5 s back, as if that long had passed since (ServedRunCache.settle_ns)."""
+    past = time.time_ns() - 5_000_000_000
+    os.utime(folder, ns=(past, past))
+
+
+def test_the_served_run_is_remembered_until_the_disk_changes_it(tmp_path, trained_run, monkeypatch):
+    """The served run's choice is kept between requests and follows every change that decides it: a run
+    folder appearing, its training finishing (a marker inside it, unseen in the folder's mtime),
+    models/api arriving, being replaced by another copy, and losing its marker."""
+    scans = []
+    monkeypatch.setattr(rundir, "served_run", lambda *args: scans.append(args) or _real_served_run(*args))
+    models = tmp_path / "models"
+    old = RunDir(shutil.copytree(trained_run.root, models / "2020-01-01_000000"))
+    cache, predictors = ServedRunCache(), PredictorCache()
+    _settled(models)
+    assert cache.get(models) == (old, NEWEST_REASON)
+    assert cache.get(models) == (old, NEWEST_REASON) and len(scans) == 1  # remembered
+
+    training = RunDir(shutil.copytree(trained_run.root, models / "2030-01-01_000000"))
+    training.done_path.unlink()  # still training
+    _settled(models)
+    assert cache.get(models) == (old, NEWEST_REASON)
+    training.mark_finished()  # the training finishes: models/'s mtime does not change
+    assert cache.get(models) == (training, NEWEST_REASON)
+
+    api = RunDir(shutil.copytree(trained_run.root, models / "api"))
+    _settled(models)
+    assert cache.get(models) == (api, API_REASON)
+    first = predictors.get(cache.get(models)[0])
+    shutil.rmtree(api.root)
+    shutil.copytree(training.root, api.root)  # replaced by another run
+    _settled(models)
+    assert cache.get(models) == (api, API_REASON)
+    assert predictors.get(cache.get(models)[0]) is not first  # loaded again
+    api.done_path.unlink()
+    assert cache.get(models) == (training, NEWEST_REASON)
+    scans_before = len(scans)
+    assert cache.get(models) == (training, NEWEST_REASON) and len(scans) == scans_before
+
+
+def test_a_models_folder_changed_just_now_is_listed_again(tmp_path, trained_run, monkeypatch):
+    """A change in the same clock tick as the listing would not move the folder's mtime: not trusted yet."""
+    scans = []
+    monkeypatch.setattr(rundir, "served_run", lambda *args: scans.append(args) or _real_served_run(*args))
+    models = tmp_path / "models"
+    shutil.copytree(trained_run.root, models / "2020-01-01_000000")
+    cache = ServedRunCache()
+    cache.get(models)
+    cache.get(models)
+    assert len(scans) == 2
+    _settled(models)
+    cache.get(models)
+    cache.get(models)
+    assert len(scans) == 3
+
+
+def test_no_served_run_is_not_remembered(tmp_path, trained_run):
+    models = tmp_path / "models"
+    models.mkdir()
+    _settled(models)
+    cache = ServedRunCache()
+    with pytest.raises(RunNotFoundError, match="train one first"):
+        cache.get(models)
+    run = RunDir(shutil.copytree(trained_run.root, models / "2020-01-01_000000"))
+    _settled(models)
+    assert cache.get(models)[0] == run
 
 
 # --- predict_request: what the API and the CLI both answer ---------------------------
