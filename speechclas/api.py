@@ -251,19 +251,6 @@ class ArchivePredictionResponse(marshmallow.Schema):
     metrics = fields.Dict(metadata={"description": "Accuracy, per-class metrics, confusion matrix (labelled clips)"})
 
 
-class PredictResponse(PredictionResponse):
-    """One clip's answer, or for an archive upload an ArchivePredictionResponse."""
-
-    files = fields.List(fields.Nested(_FileAnswer), metadata={"description": "Archive uploads only: per file"})
-    summary = fields.Dict(metadata={"description": "Archive uploads only: files, failed, unlabelled"})
-    metrics = fields.Dict(metadata={"description": "Archive uploads only, when clips sit in label folders"})
-
-    def load(self, data, **kwargs):
-        if isinstance(data, dict) and "files" in data:
-            return ArchivePredictionResponse().load(data, **kwargs)
-        return PredictionResponse().load(data, **kwargs)
-
-
 class _Detection(marshmallow.Schema):
     label = fields.Str(required=True)
     start_s = fields.Float(required=True, metadata={"description": "Start of the window that fired (s)"})
@@ -289,19 +276,24 @@ class DetectionResponse(marshmallow.Schema):
     detections = fields.List(fields.Nested(_Detection), required=True, metadata={"description": "In time order"})
 
 
-class PredictResponseAnyMode(PredictResponse):
-    """One clip's answer, an archive's (ArchivePredictionResponse) or, for ``mode=detect``, a DetectionResponse."""
+class PredictResponse(PredictionResponse):
+    """One clip's answer, for an archive upload an ArchivePredictionResponse, for mode=detect a DetectionResponse."""
 
+    files = fields.List(fields.Nested(_FileAnswer), metadata={"description": "Archive uploads only: per file"})
+    summary = fields.Dict(metadata={"description": "Archive uploads only: files, failed, unlabelled"})
+    metrics = fields.Dict(metadata={"description": "Archive uploads only, when clips sit in label folders"})
     settings = fields.Nested(_DetectSettings, metadata={"description": "mode=detect only"})
-    detections = fields.List(fields.Nested(_Detection), metadata={"description": "mode=detect only"})
+    detections = fields.List(fields.Nested(_Detection), metadata={"description": "mode=detect only: in time order"})
 
     def load(self, data, **kwargs):
         if isinstance(data, dict) and "detections" in data:
             return DetectionResponse().load(data, **kwargs)
-        return super().load(data, **kwargs)
+        if isinstance(data, dict) and "files" in data:
+            return ArchivePredictionResponse().load(data, **kwargs)
+        return PredictionResponse().load(data, **kwargs)
 
 
-schema = PredictResponseAnyMode
+schema = PredictResponse
 
 
 def _upload_check(max_bytes: int):

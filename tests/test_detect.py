@@ -414,6 +414,20 @@ def test_predict_mode_detect_through_a_real_deepaas_run(server, run, three_keywo
     assert zipped.status_code == 400 and "not an archive" in zipped.json()["message"]
 
 
+def test_the_predict_response_schema_takes_both_shapes():
+    from marshmallow import ValidationError
+
+    answer = {"status": "ok", "run": "2026-01-01_000000", "duration_s": 3.0,
+              "settings": dataclasses.asdict(DetectSettings(hop_ms=20)),
+              "detections": [{"label": "yes", "start_s": 0.5, "end_s": 1.5, "score": 0.9}]}  # fmt: skip
+    assert predict_response_schema().load(answer) == answer
+    with pytest.raises(ValidationError, match="score"):
+        predict_response_schema().load({**answer, "detections": [{"label": "yes", "start_s": 0.5, "end_s": 1.5}]})
+    with pytest.raises(ValidationError, match="window"):  # a clip's answer still needs its own fields
+        predict_response_schema().load({"status": "ok", "run": "r", "duration_s": 1.0, "predictions": [],
+                                        "sample_rate": 16000, "channels": 1})  # fmt: skip
+
+
 def test_the_detect_limits_are_operator_settings():
     limits = Limits.from_env({"SPEECHCLAS_DETECT_MAX_AUDIO_SECONDS": "600", "SPEECHCLAS_DETECT_MAX_AUDIO_BYTES": "5000"})
     assert (limits.detect_max_audio_seconds, limits.detect_max_audio_bytes) == (600.0, 5000)
