@@ -173,9 +173,12 @@ def micro_features(audio: tf.Tensor, settings: FeatureSettings) -> tf.Tensor:
     def one_clip(clip):
         return audio_microfrontend_op.audio_microfrontend(clip, out_type=tf.float32, **options)
 
-    frames = tf.map_fn(
-        one_clip,
-        samples,
-        fn_output_signature=tf.TensorSpec([settings.spectrogram_length, settings.feature_bin_count], tf.float32),
-    )
+    if audio.shape[-1] == settings.desired_samples:  # model windows, as many as the batch holds
+        frames = tf.map_fn(
+            one_clip,
+            samples,
+            fn_output_signature=tf.TensorSpec([settings.spectrogram_length, settings.feature_bin_count], tf.float32),
+        )
+    else:  # audio of any length (a stream whose frames detection computes once): clip by clip
+        frames = tf.stack([one_clip(clip) for clip in tf.unstack(samples)])
     return tf.expand_dims(frames * MICRO_FEATURE_SCALE, -1)

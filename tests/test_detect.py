@@ -331,7 +331,10 @@ def three_keywords(run, scorer, tmp_path_factory) -> tuple[Path, list[Spoken]]:
 
 def test_cli_prints_the_detections_json(run, three_keywords, capsys):
     path, spoken = three_keywords
-    code = detect_main([str(path), "--models-dir", str(run.root.parent), "--run", run.name, "--hop-ms", "30"])
+    arguments = [str(path), "--models-dir", str(run.root.parent), "--run", run.name, "--hop-ms", "30"]
+    assert detect_main(arguments) == 0  # the run's calibrated threshold by default
+    assert json.loads(capsys.readouterr().out)["settings"]["threshold"] == detect.default_threshold(run)
+    code = detect_main([*arguments, "--threshold", "0.7"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["run"] == run.name and result["duration_s"] == pytest.approx(len(soundfile.read(path)[0]) / RATE, abs=1e-3)
@@ -412,6 +415,20 @@ def test_predict_mode_detect_through_a_real_deepaas_run(server, run, three_keywo
     zipped = requests.post(server + PREDICT, files={"data": ("clips.zip", archive.getvalue())},
                            data={"mode": "detect"}, timeout=60)  # fmt: skip
     assert zipped.status_code == 400 and "not an archive" in zipped.json()["message"]
+
+
+def test_the_predict_response_schema_takes_both_shapes():
+    from marshmallow import ValidationError
+
+    answer = {"status": "ok", "run": "2026-01-01_000000", "duration_s": 3.0,
+              "settings": dataclasses.asdict(DetectSettings(hop_ms=20)),
+              "detections": [{"label": "yes", "start_s": 0.5, "end_s": 1.5, "score": 0.9}]}  # fmt: skip
+    assert predict_response_schema().load(answer) == answer
+    with pytest.raises(ValidationError, match="score"):
+        predict_response_schema().load({**answer, "detections": [{"label": "yes", "start_s": 0.5, "end_s": 1.5}]})
+    with pytest.raises(ValidationError, match="window"):  # a clip's answer still needs its own fields
+        predict_response_schema().load({"status": "ok", "run": "r", "duration_s": 1.0, "predictions": [],
+                                        "sample_rate": 16000, "channels": 1})  # fmt: skip
 
 
 def test_the_detect_limits_are_operator_settings():

@@ -87,7 +87,7 @@ def test_micro_trains_and_every_export_is_described(micro_run):
     assert description["exports"]["model.tflite"]["takes"] == "features"
     assert description["exports"]["model.tflite"]["inputs"][0]["dtype"] == "float32"
     signatures = description["exports"]["saved_model"]["signatures"]
-    assert set(signatures) == {"serving_default", "audio", "features"}
+    assert set(signatures) == {"serving_default", "audio", "features", "stream_features"}
     assert signatures["audio"]["inputs"] == [{"name": "audio", "shape": [None, 16000], "dtype": "float32"}]
 
 
