@@ -394,6 +394,8 @@ def test_predict_mode_detect_through_a_real_deepaas_run(server, run, three_keywo
     predict_response_schema().load(body)
     assert body["status"] == "ok" and body["run"] == run.name and body["settings"]["hop_ms"] == 20.0
     assert len(matched([Detection(**d) for d in body["detections"]], spoken)) >= 2, body
+    assert body["labels"] == [d["label"] for d in body["detections"]]  # for the AI4OS UI's Label widget
+    assert body["probabilities"] == [d["score"] for d in body["detections"]]
 
     with serve_directory(path.parent) as base:
         from_url = requests.post(server + PREDICT, data={"mode": "detect", "urls": f"{base}/{path.name}",
@@ -422,8 +424,11 @@ def test_the_predict_response_schema_takes_both_shapes():
 
     answer = {"status": "ok", "run": "2026-01-01_000000", "duration_s": 3.0,
               "settings": dataclasses.asdict(DetectSettings(hop_ms=20)),
-              "detections": [{"label": "yes", "start_s": 0.5, "end_s": 1.5, "score": 0.9}]}  # fmt: skip
+              "detections": [{"label": "yes", "start_s": 0.5, "end_s": 1.5, "score": 0.9}],
+              "labels": ["yes"], "probabilities": [0.9]}  # fmt: skip
     assert predict_response_schema().load(answer) == answer
+    with pytest.raises(ValidationError, match="labels"):  # what the AI4OS UI's Label widget reads
+        predict_response_schema().load({key: value for key, value in answer.items() if key != "labels"})
     with pytest.raises(ValidationError, match="score"):
         predict_response_schema().load({**answer, "detections": [{"label": "yes", "start_s": 0.5, "end_s": 1.5}]})
     with pytest.raises(ValidationError, match="window"):  # a clip's answer still needs its own fields
