@@ -37,6 +37,34 @@ def trained_run(tmp_path_factory):
     return train(config, progress=False).run
 
 
+# The split of `detection_run`: its test split holds the keywords that detection tests say.
+DETECTION_VALIDATION_PERCENTAGE = DETECTION_TESTING_PERCENTAGE = 20
+
+
+@pytest.fixture(scope="session")
+def detection_run(tmp_path_factory):
+    """One ds_cnn run on the demo data that hears keywords in a stream reliably (about 2 min on
+    2 cores), shared by the detection tests of the API, the CLI and the web page."""
+    from speechclas.config import load_config
+    from speechclas.train import train
+
+    overrides = {
+        "data_dir": str(DEMO_DATA),
+        "models_dir": str(tmp_path_factory.mktemp("detection") / "models"),
+        "model_architecture": "ds_cnn",
+        "how_many_training_steps": "450,150",
+        "learning_rate": "0.004,0.0005",
+        "time_shift_ms": 300,
+        "batch_size": 64,
+        "eval_step_interval": 1000,
+        "validation_percentage": DETECTION_VALIDATION_PERCENTAGE,
+        "testing_percentage": DETECTION_TESTING_PERCENTAGE,
+        "streaming_minutes": 1.0,
+        "streaming_noise_minutes": 2.0,
+    }
+    return train(load_config(overrides), progress=False).run
+
+
 def make_project_home(root: Path, runs=()) -> Path:
     """A SPEECHCLAS_HOME: etc/config.yaml of the repository and a models/ folder holding copies of `runs`."""
     (root / "etc").mkdir(parents=True)

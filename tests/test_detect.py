@@ -28,13 +28,11 @@ from speechclas import detect
 from speechclas.api import schema as predict_response_schema
 from speechclas.audio import AudioError, AudioLimits
 from speechclas.cli import detect_main
-from speechclas.config import load_config
 from speechclas.data import read_split_list
 from speechclas.detect import DetectError, Detection, DetectSettings
 from speechclas.features import compute_features
 from speechclas.limits import Limits
 from speechclas.rundir import RunDir
-from speechclas.train import train
 from tests.conftest import DEMO_DATA, make_project_home
 from tests.http_server import serve_directory
 from tests.processes import free_port, running, serve_command, wait_until_serving
@@ -45,21 +43,9 @@ TOLERANCE_S = 0.5
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> RunDir:
-    """ds_cnn on the demo data, 250 steps (1 to 2 min on 2 cores): about 80 % of test clips right."""
-    overrides = {
-        "data_dir": str(DEMO_DATA),
-        "models_dir": str(tmp_path_factory.mktemp("detect") / "models"),
-        "model_architecture": "ds_cnn",
-        "how_many_training_steps": "200,50",
-        "learning_rate": "0.005,0.0005",
-        "time_shift_ms": 300,
-        "batch_size": 64,
-        "eval_step_interval": 1000,
-        "validation_percentage": 10,
-        "testing_percentage": 20,
-    }
-    return train(load_config(overrides), progress=False).run
+def run(detection_run) -> RunDir:
+    """ds_cnn on the demo data (tests/conftest.py), shared with the web page's detection tests."""
+    return detection_run
 
 
 @pytest.fixture(scope="module")

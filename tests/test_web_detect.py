@@ -18,7 +18,12 @@ import pytest
 import requests
 import soundfile
 
-from tests.conftest import DEMO_DATA, make_project_home
+from tests.conftest import (
+    DEMO_DATA,
+    DETECTION_TESTING_PERCENTAGE,
+    DETECTION_VALIDATION_PERCENTAGE,
+    make_project_home,
+)
 from tests.test_deepaas_process import PREDICT
 from tests.test_web import ARTIFACTS, canvas_is_drawn, chromium, open_page, serving, wait_for_answer
 
@@ -26,27 +31,13 @@ SAMPLE_RATE = 16000
 THRESHOLD = 0.6  # set on the page, so the run's own default does not matter
 FIRST_WORD_S = 1.0
 WORD_SPACING_S = 2.5
-VALIDATION_PERCENTAGE = TESTING_PERCENTAGE = 20
+VALIDATION_PERCENTAGE, TESTING_PERCENTAGE = DETECTION_VALIDATION_PERCENTAGE, DETECTION_TESTING_PERCENTAGE
 
 
 @pytest.fixture(scope="module")
-def detect_run(tmp_path_factory):
-    """A ds_cnn run on the demo data, strong enough to spot keywords in a stream."""
-    from speechclas.config import load_config
-    from speechclas.train import train
-
-    overrides = {
-        "data_dir": str(DEMO_DATA),
-        "models_dir": str(tmp_path_factory.mktemp("detect-trained") / "models"),
-        "model_architecture": "ds_cnn",
-        "how_many_training_steps": "200,100",
-        "learning_rate": "0.002,0.0005",
-        "eval_step_interval": 1000,
-        "batch_size": 50,
-        "validation_percentage": VALIDATION_PERCENTAGE,
-        "testing_percentage": TESTING_PERCENTAGE,
-    }
-    return train(load_config(overrides), progress=False).run
+def detect_run(detection_run):
+    """A ds_cnn run on the demo data, strong enough to spot keywords in a stream (tests/conftest.py)."""
+    return detection_run
 
 
 @dataclasses.dataclass(frozen=True)
