@@ -22,6 +22,20 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _limits_and_models_dir(parser: argparse.ArgumentParser, models_dir: str | None):
+    """The operator's limits and the models folder (--models-dir, else etc/config.yaml's);
+    a malformed setting or config is a usage error naming it."""
+    from pathlib import Path
+
+    from speechclas.config import ConfigError, load_config
+    from speechclas.limits import Limits, OperatorSettingError
+
+    try:
+        return Limits.from_env(), Path(models_dir) if models_dir else load_config().path("models_dir")
+    except (ConfigError, OperatorSettingError) as exc:
+        parser.error(str(exc))
+
+
 def train_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="speechclas-train",
@@ -89,9 +103,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     from urllib.parse import urlsplit
 
     from speechclas.audio import AudioError
-    from speechclas.config import ConfigError, load_config
     from speechclas.fetch import FetchError
-    from speechclas.limits import Limits, OperatorSettingError
     from speechclas.predict import (
         InputError,
         PredictorCache,
@@ -99,11 +111,7 @@ def predict_main(argv: list[str] | None = None) -> int:
     )
     from speechclas.rundir import RunNotFoundError
 
-    try:
-        limits = Limits.from_env()
-        models_dir = Path(args.models_dir) if args.models_dir else load_config().path("models_dir")
-    except (ConfigError, OperatorSettingError) as exc:
-        parser.error(str(exc))
+    limits, models_dir = _limits_and_models_dir(parser, args.models_dir)
     is_url = urlsplit(args.source).scheme.lower() in ("http", "https")
     if not is_url and (Path(args.source).is_dir() or args.source.lower().endswith(".txt")):
         from speechclas.batch import run_batch
@@ -162,18 +170,12 @@ def detect_main(argv: list[str] | None = None) -> int:
     from urllib.parse import urlsplit
 
     from speechclas.audio import AudioError
-    from speechclas.config import ConfigError, load_config
     from speechclas.detect import CLI_MAX_SECONDS, ScorerCache, detect_request
     from speechclas.fetch import FetchError
-    from speechclas.limits import Limits, OperatorSettingError
     from speechclas.predict import InputError
     from speechclas.rundir import RunNotFoundError
 
-    try:
-        limits = Limits.from_env()
-        models_dir = Path(args.models_dir) if args.models_dir else load_config().path("models_dir")
-    except (ConfigError, OperatorSettingError) as exc:
-        parser.error(str(exc))
+    limits, models_dir = _limits_and_models_dir(parser, args.models_dir)
     is_url = urlsplit(args.source).scheme.lower() in ("http", "https")
     try:
         result = detect_request(

@@ -38,7 +38,7 @@ import numpy as np
 from speechclas.audio import AudioLimits, AudioSource, open_audio
 from speechclas.fetch import UrlPolicy, fetch_url, redact_url
 from speechclas.limits import Limits, setting
-from speechclas.predict import InputError, feature_sizes
+from speechclas.predict import InputError, check_one_input, feature_sizes
 from speechclas.rundir import RunDir, find_run
 
 logger = logging.getLogger(__name__)
@@ -479,10 +479,7 @@ def detect_request(
     fetch.FetchError and rundir.RunNotFoundError with messages meant for the caller.
     """
     limits = limits if limits is not None else Limits.defaults()
-    if file is None and not url:
-        raise InputError("send an audio file (form field 'data') or the URL of one (field 'urls')")
-    if file is not None and url:
-        raise InputError("send either an audio file ('data') or a URL ('urls'), not both")
+    check_one_input(file, url)
     run_dir = find_run(models_dir, run)
     if max_seconds is None:
         max_seconds = limits.detect_max_audio_seconds

@@ -187,6 +187,14 @@ def download_audio(url: str, policy: UrlPolicy) -> bytes:
         return fetch_url(url, folder, **policy.kwargs()).read_bytes()
 
 
+def check_one_input(file: Path | None, url: str | None) -> None:
+    """A request scores exactly one input: a file or a URL (predict and detect alike)."""
+    if file is None and not url:
+        raise InputError("send an audio file (form field 'data') or the URL of one (field 'urls')")
+    if file is not None and url:
+        raise InputError("send either an audio file ('data') or a URL ('urls'), not both")
+
+
 def predict_request(
     predictors: PredictorCache,
     models_dir: Path,
@@ -205,10 +213,7 @@ def predict_request(
     rundir.RunNotFoundError with messages meant for the caller.
     """
     limits = limits if limits is not None else Limits.defaults()
-    if file is None and not url:
-        raise InputError("send an audio file (form field 'data') or the URL of one (field 'urls')")
-    if file is not None and url:
-        raise InputError("send either an audio file ('data') or a URL ('urls'), not both")
+    check_one_input(file, url)
     run_dir = find_run(models_dir, run)
     # Decode before loading the model, so a bad input is refused without waiting for TensorFlow.
     predictor = predictors.loaded(run_dir)
