@@ -47,8 +47,8 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     # --- prediction requests -------------------------------------------------------------
     Setting("max_audio_bytes", "int", 16 * MiB,
-            "Size of one uploaded or downloaded audio file or archive (bytes). `speechclas-serve` derives "
-            "the HTTP body limit (`deepaas-run --client-max-size`) and speechclas-web its own from it.", 1),
+            "Size of one uploaded or downloaded audio file or archive to classify (bytes). `speechclas-serve` "
+            "and speechclas-web derive their HTTP body limit from it and the detect limit below.", 1),
     Setting("max_audio_seconds", "float", 60.0,
             "Duration of one audio file (a clip to predict, a training clip, an archive member), read "
             "from its header before decoding and enforced while decoding (s).", 0.01),
