@@ -448,7 +448,8 @@ def predict(**args) -> dict[str, Any]:
             ):
                 result = predict_archive(_state.predictors, models_dir, Path(upload.filename),
                                          archive_name=upload.original_filename, run=run, top_k=top_k,
-                                         max_files=limits.max_archive_members, limits=limits)  # fmt: skip
+                                         max_files=limits.max_archive_members,
+                                         max_unpacked_bytes=limits.max_archive_unpacked_bytes, limits=limits)  # fmt: skip
                 return {"status": "ok", **result}
             result = predict_request(
                 _state.predictors,

@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 # An uploaded archive is unpacked in the request: keep it small enough for one request.
 # Its number of files is an operator setting (Limits.max_archive_members).
-MAX_ARCHIVE_UNPACKED_BYTES = 256 * 1024 * 1024
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz", ".tar")
 _IGNORED = re.compile(r"^(\..*|__MACOSX)$")
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -308,16 +307,19 @@ def predict_archive(
     run: str | None = None,
     top_k: int = DEFAULT_TOP_K,
     max_files: int,
-    max_unpacked_bytes: int = MAX_ARCHIVE_UNPACKED_BYTES,
+    max_unpacked_bytes: int | None = None,
     limits: Limits | None = None,
 ) -> dict[str, Any]:
     """Per-file top-k of the clips in an uploaded archive, unpacked safely into a temp folder
     that is always removed; statistics too when the clips sit in label folders.
 
     `max_files` is the operator's cap (``SPEECHCLAS_MAX_ARCHIVE_MEMBERS``), checked on the
-    archive's headers before anything is unpacked. Archives inside the archive are listed
-    with an error, not unpacked.
+    archive's headers before anything is unpacked, as is `max_unpacked_bytes` (default: the
+    operator's ``SPEECHCLAS_MAX_ARCHIVE_UNPACKED_BYTES`` in `limits`). Archives inside the
+    archive are listed with an error, not unpacked.
     """
+    if max_unpacked_bytes is None:
+        max_unpacked_bytes = (limits or Limits.defaults()).max_archive_unpacked_bytes
     run_dir = find_run(models_dir, run)
     archive_name = archive_name or Path(archive).name
     with tempfile.TemporaryDirectory(prefix="speechclas-batch-") as tmp:

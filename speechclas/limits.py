@@ -57,6 +57,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_sample_rate", "int", 384000, "Highest sample rate accepted in an audio header (Hz).", 1),
     Setting("max_archive_members", "int", 10_000,
             "Files in one archive uploaded to predict (answered per file).", 1),
+    Setting("max_archive_unpacked_bytes", "int", 256 * MiB,
+            "Unpacked size of one archive uploaded to predict, read from its headers before unpacking (bytes).", 1),
     Setting("detect_max_audio_seconds", "float", 3600.0,
             "Duration of one recording to scan for keywords (predict `mode=detect`), read from its header "
             "and counted while decoding (s). `speechclas-detect` has its own bound (`--max-seconds`).", 0.01),
@@ -115,6 +117,7 @@ class Limits:
     min_sample_rate: int
     max_sample_rate: int
     max_archive_members: int
+    max_archive_unpacked_bytes: int
     detect_max_audio_seconds: float
     detect_max_audio_bytes: int
     run: str
