@@ -33,19 +33,20 @@ def serve_command(port: int, workers: int) -> list[str]:
             "--workers", str(workers)]  # fmt: skip
 
 
-def wait_until_serving(url: str, process: subprocess.Popen, log: Path) -> None:
-    """Until `url`/v2/ answers 200; fails the test with the log's end if the process dies or never answers."""
-    deadline = time.monotonic() + START_TIMEOUT_S
+def wait_until_serving(url: str, process: subprocess.Popen, log: Path, path: str = "/v2/",
+                       timeout_s: float = START_TIMEOUT_S) -> None:
+    """Until `url` + `path` answers 200; fails the test with the log's end if the process dies or never answers."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             pytest.fail(f"{process.args[0]} exited with {process.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            if requests.get(f"{url}/v2/", timeout=2).status_code == 200:
+            if requests.get(f"{url}{path}", timeout=2).status_code == 200:
                 return
         except requests.ConnectionError:
             pass
         time.sleep(0.5)
-    pytest.fail(f"{process.args[0]} did not answer within {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+    pytest.fail(f"{process.args[0]} did not answer within {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
 @contextlib.contextmanager

@@ -7,18 +7,16 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from speechclas import tracking
 from speechclas.config import Config, load_config
 from speechclas.rundir import RunDir, create_run_dir
 from speechclas.train import train
 from tests.conftest import DEMO_DATA, tiny_training_overrides
-from tests.processes import free_port
+from tests.processes import free_port, wait_until_serving
 
 SERVER_START_TIMEOUT_S = 240
 # Four then two steps, an evaluation every three: evaluations at steps 3 and 6.
@@ -40,7 +38,7 @@ def mlflow_server(tmp_path_factory):
         process = subprocess.Popen(command, env=env, cwd=root, stdout=output, stderr=subprocess.STDOUT,
                                    start_new_session=True)  # its uvicorn child goes with it
     try:
-        _wait_until_healthy(url, process, log)
+        wait_until_serving(url, process, log, path="/health", timeout_s=SERVER_START_TIMEOUT_S)
         yield url
     finally:
         os.killpg(process.pid, signal.SIGTERM)
@@ -49,20 +47,6 @@ def mlflow_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-
-
-def _wait_until_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"mlflow server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"mlflow server did not answer within {SERVER_START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
 def test_cli_training_is_tracked_with_its_evaluations_artifacts_and_registered_model(mlflow_server, tmp_path,
