@@ -89,7 +89,11 @@ class Config:
     # training_parameters
     how_many_training_steps: tuple = _field("training_parameters")
     learning_rate: tuple = _field("training_parameters")
+    learning_rate_schedule: str = _field("training_parameters")
+    warmup_steps: int = _field("training_parameters")
     optimizer: str = _field("training_parameters")
+    weight_decay: float = _field("training_parameters")
+    label_smoothing: float = _field("training_parameters")
     batch_size: int = _field("training_parameters")
     eval_step_interval: int = _field("training_parameters")
     save_step_interval: int = _field("training_parameters")
@@ -323,6 +327,10 @@ def _check_consistency(values: Mapping[str, Any]) -> None:
         raise ConfigError(
             "parameters 'how_many_training_steps' and 'learning_rate' must have the same "
             f"number of stages, got {len(steps)} and {len(rates)}"
+        )
+    if values["weight_decay"] > 0 and values["optimizer"] != "adamw":
+        raise ConfigError(
+            f"parameter 'weight_decay' is used by optimizer adamw only, got optimizer {values['optimizer']!r}"
         )
     if values["window_size_ms"] > values["clip_duration_ms"]:
         raise ConfigError("parameter 'window_size_ms' must not exceed 'clip_duration_ms'")

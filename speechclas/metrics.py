@@ -14,8 +14,8 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 
 def classification_metrics(truth: Sequence[int], predicted: Sequence[int], labels: Sequence[str]) -> dict:
-    """Accuracy, per-class precision/recall/F1/support and the confusion
-    matrix (rows: true label, columns: predicted, in `labels` order)."""
+    """Accuracy, balanced accuracy, per-class precision/recall/F1/support and
+    the confusion matrix (rows: true label, columns: predicted, in `labels` order)."""
     truth = np.asarray(truth, dtype=int)
     predicted = np.asarray(predicted, dtype=int)
     classes = list(range(len(labels)))
@@ -25,6 +25,7 @@ def classification_metrics(truth: Sequence[int], predicted: Sequence[int], label
     ) if len(truth) else (np.zeros(len(labels)),) * 3 + (np.zeros(len(labels), int),)
     return {
         "accuracy": float(np.mean(truth == predicted)) if len(truth) else 0.0,
+        "balanced_accuracy": balanced_accuracy(recall, support),
         "count": int(len(truth)),
         "labels": list(labels),
         "per_class": {
@@ -38,6 +39,14 @@ def classification_metrics(truth: Sequence[int], predicted: Sequence[int], label
         },
         "confusion_matrix": matrix.astype(int).tolist(),
     }
+
+
+def balanced_accuracy(recall: np.ndarray, support: np.ndarray) -> float:
+    """Mean recall over the labels present in the truth: every such label counts
+    the same however many clips it has, so answering `_unknown_` for the many
+    unknown words cannot hide keywords that are never recognised."""
+    present = np.asarray(support) > 0
+    return float(np.mean(np.asarray(recall)[present])) if present.any() else 0.0
 
 
 def save_confusion_png(matrix: np.ndarray, labels: Sequence[str], path: Path, title: str = "", normalize: bool = True) -> None:

@@ -1,6 +1,7 @@
 """The step-driven training loop of the speech_commands recipe, in TF2.
 
-Stages of (steps, learning rate); evaluation on the whole validation set
+Stages of (steps, learning rate) or a warm-up and cosine schedule;
+evaluation on the whole validation set
 every `eval_step_interval` steps; checkpoints every `save_step_interval`
 steps and at the end; resume from a checkpoint with the step count going on;
 TensorBoard summaries; and at the end the test metrics and the exports.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -68,6 +70,8 @@ class TrainingResult:
             "train_accuracy": self.metrics["training"]["accuracy"],
             "validation_accuracy": self.metrics["validation"]["accuracy"],
             "test_accuracy": self.metrics["testing"]["accuracy"],
+            "validation_balanced_accuracy": self.metrics["validation"]["balanced_accuracy"],
+            "test_balanced_accuracy": self.metrics["testing"]["balanced_accuracy"],
             "exports": self.exports,
         }
 
@@ -148,14 +152,28 @@ def _check_usable(index: data.DatasetIndex, skipped: dict[str, data.SkippedClip]
         raise data.DataError(f"wanted words with no usable clip in {data_dir}: {', '.join(lost)}")
 
 
-def make_optimizer(name: str, learning_rate: float):
+def make_optimizer(name: str, learning_rate: float, weight_decay: float = 0.0):
+    """The named Keras optimizer; `weight_decay` is adamw's decoupled decay.
+
+    Keras multiplies the decay by the optimizer's learning rate variable at
+    every step, so the rate the loop sets each step scales the decay as well.
+    """
     if name == "sgd":
         return tf.keras.optimizers.SGD(learning_rate)
     if name == "momentum":
         return tf.keras.optimizers.SGD(learning_rate, momentum=0.9)
     if name == "adam":
         return tf.keras.optimizers.Adam(learning_rate)
+    if name == "adamw":
+        return tf.keras.optimizers.AdamW(learning_rate, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}")
+
+
+def exclude_from_weight_decay(optimizer, variables) -> None:
+    """Decay only kernels: biases and normalisation scales and offsets (every
+    variable of at most one dimension) keep their values. Call before build."""
+    if getattr(optimizer, "weight_decay", None):
+        optimizer.exclude_from_weight_decay(var_list=[v for v in variables if len(v.shape) <= 1])
 
 
 def stage_learning_rate(step: int, steps: tuple[int, ...], rates: tuple[float, ...]) -> float:
@@ -168,41 +186,75 @@ def stage_learning_rate(step: int, steps: tuple[int, ...], rates: tuple[float, .
     return rates[-1]
 
 
+def cosine_learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, final: float) -> float:
+    """Linear warm-up from 0 (step 0) to `peak` (step `warmup_steps`), then a half
+    cosine from `peak` down to `final` at `total_steps`, and `final` after it."""
+    if step < warmup_steps:
+        return peak * step / warmup_steps
+    decay_steps = total_steps - warmup_steps
+    progress = min((step - warmup_steps) / decay_steps, 1.0) if decay_steps > 0 else 1.0
+    return final + (peak - final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def learning_rate_at(step: int, config: Config) -> float:
+    """The configured learning rate of `step` (0-based): a pure function of the
+    step, so a run resumed from a checkpoint continues its schedule.
+
+    staged: each stage's rate, after `warmup_steps` of linear rise to the first
+    rate; cosine: warm-up, then decay from the first rate to the last one (to 0
+    when a single rate is given) over the rest of sum(how_many_training_steps).
+    """
+    steps, rates, warmup = config.how_many_training_steps, config.learning_rate, config.warmup_steps
+    if config.learning_rate_schedule == "cosine":
+        final = rates[-1] if len(rates) > 1 else 0.0
+        return cosine_learning_rate(step, sum(steps), warmup, rates[0], final)
+    if step < warmup:
+        return rates[0] * step / warmup
+    return stage_learning_rate(step, steps, rates)
+
+
 def training_pipeline(config: Config, settings: FeatureSettings, audio: pipeline.TrainingAudio) -> tf.data.Dataset:
-    """The augmenting, endless training dataset for this configuration."""
+    """The augmenting, endless training dataset for this configuration: batches
+    of (features, targets float32 [batch, labels]), targets being probability vectors."""
     augment_settings = pipeline.AugmentSettings(
         time_shift_samples=int(settings.sample_rate * config.time_shift_ms / 1000),
         background_volume=config.background_volume,
         background_frequency=config.background_frequency,
         silence_label=audio.silence_label,
     )
-    return pipeline.training_dataset(
+    dataset = pipeline.training_dataset(
         audio, settings, augment_settings, config.batch_size,
         config.silence_percentage, config.unknown_percentage, config.random_seed,
     )
+    # Integer labels to one-hot targets, until the pipeline yields targets itself.
+    label_count = len(data.labels_for(config.wanted_words))
+    return dataset.map(lambda features, labels: (features, tf.one_hot(labels, label_count)))
 
 
-def make_train_step(model, optimizer, global_step: tf.Variable, check_nans: bool):
-    """One compiled optimisation step: (features, labels) -> (loss, accuracy).
+def make_train_step(model, optimizer, global_step: tf.Variable, check_nans: bool, label_smoothing: float = 0.0):
+    """One compiled optimisation step: (features, targets) -> (loss, accuracy).
 
-    The model runs with training=True here only (dropout on, batch-norm
-    statistics updated); every evaluation calls it with training=False.
+    Targets are probability vectors [batch, labels] (one-hot or mixed); the loss
+    is their cross-entropy with the softmax of the logits after label smoothing,
+    the accuracy the share of argmax agreement. The model runs with
+    training=True here only (dropout on, batch-norm statistics updated); every
+    evaluation calls it with training=False.
     """
-    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    loss_fn = tf.keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing)
 
     @tf.function
-    def train_step(features, batch_labels):
+    def train_step(features, targets):
         with tf.GradientTape() as tape:
             logits = model(features, training=True)
-            loss = loss_fn(batch_labels, logits)
+            loss = loss_fn(targets, logits)
         gradients = tape.gradient(loss, model.trainable_variables)
         if check_nans:
             loss = tf.debugging.check_numerics(loss, "training loss is not finite")
             gradients = [tf.debugging.check_numerics(g, "a gradient is not finite") for g in gradients]
         optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
         global_step.assign_add(1)
-        predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
-        accuracy = tf.reduce_mean(tf.cast(tf.equal(predictions, batch_labels), tf.float32))
+        agree = tf.equal(tf.argmax(logits, axis=-1), tf.argmax(targets, axis=-1))
+        accuracy = tf.reduce_mean(tf.cast(agree, tf.float32))
         return loss, accuracy
 
     return train_step
@@ -333,105 +385,187 @@ def train(
         datasource.write_record(run, source, index.splits_dir)
         tracker.start(run, config)
         try:
-            result = _train_in_run(config, settings, prepared, run, start_checkpoint, progress, cancel, on_step,
-                                   started, tracker)
+            result = _train_in_run(config, settings, prepared, run, start_checkpoint=start_checkpoint,
+                                   progress=progress, cancel=cancel, on_step=on_step, started=started, tracker=tracker)
         except BaseException as exc:
             tracker.end("KILLED" if isinstance(exc, (TrainingCancelled, KeyboardInterrupt)) else "FAILED")
             raise
         run.mark_finished()
         tracker.finish(run)
-        logger.info("Run %s finished: test accuracy %.3f", run.name, result.metrics["testing"]["accuracy"])
+        logger.info("Run %s finished: test accuracy %.3f, balanced accuracy %.3f", run.name,
+                    result.metrics["testing"]["accuracy"], result.metrics["testing"]["balanced_accuracy"])
     return result
 
 
-def _train_in_run(config, settings, prepared, run, start_checkpoint, progress, cancel, on_step, started, tracker):
-    tf.random.set_seed(config.random_seed)
-    index = prepared.index
-    labels = list(index.labels)
-    model = architectures.build_model(
-        config.model_architecture, settings.input_shape, len(labels), config.dropout_rate
-    )
-    logger.info("Model %s: %d parameters", config.model_architecture, model.count_params())
-    optimizer = make_optimizer(config.optimizer, config.learning_rate[0])
-    optimizer.build(model.trainable_variables)
-    global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=global_step)
-    manager = tf.train.CheckpointManager(checkpoint, str(run.ckpts), max_to_keep=5, checkpoint_name="ckpt")
-    if start_checkpoint:
-        checkpoint.restore(start_checkpoint).assert_existing_objects_matched()
-        logger.info("Resumed from %s at step %d", start_checkpoint, int(global_step.numpy()))
+@dataclasses.dataclass(frozen=True)
+class TrainingState:
+    """The network, its optimizer and step counter, and the checkpoints they are saved in."""
 
+    model: tf.keras.Model
+    optimizer: tf.keras.optimizers.Optimizer
+    global_step: tf.Variable
+    checkpoint: tf.train.Checkpoint
+    manager: tf.train.CheckpointManager
+
+    @property
+    def step(self) -> int:
+        return int(self.global_step.numpy())
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopControl:
+    """How a caller watches the loop (a progress bar, a per-step callback) and stops it."""
+
+    progress: bool = True
+    cancel: threading.Event | None = None
+    on_step: Callable[[int, int], None] | None = None
+
+
+def _train_in_run(config, settings, prepared, run, *, start_checkpoint, progress, cancel, on_step, started, tracker):
+    """Build, fit, evaluate and write one run inside its folder."""
+    tf.random.set_seed(config.random_seed)
+    labels = list(prepared.index.labels)
+    state = build(config, settings, labels, run.ckpts, start_checkpoint)
     train_data = training_pipeline(config, settings, prepared.training)
     eval_data = {
         split: pipeline.evaluation_dataset(audio, split_labels, settings, EVAL_BATCH_SIZE)
         for split, (audio, split_labels) in prepared.evaluation.items()
     }
-    train_step = make_train_step(model, optimizer, global_step, config.check_nans)
+    train_step = make_train_step(state.model, state.optimizer, state.global_step, config.check_nans,
+                                 config.label_smoothing)
+    batches = iter(train_data)
+    history = fit(state, train_step, batches, eval_data["validation"], labels, config, run, tracker,
+                  LoopControl(progress, cancel, on_step))
+    results = evaluate(state.model, eval_data, labels)
+    return write(state, config, settings, prepared, run, results, history, batches, started)
 
-    train_writer = tf.summary.create_file_writer(str(run.logs / "train"))
-    validation_writer = tf.summary.create_file_writer(str(run.logs / "validation"))
+
+def build(config: Config, settings: FeatureSettings, labels: list[str], ckpts_dir: Path,
+          start_checkpoint: str | None) -> TrainingState:
+    """A fresh network and optimizer, restored from `start_checkpoint` when given
+    (the step count goes on from it); checkpoints go to `ckpts_dir`."""
+    model = architectures.build_model(
+        config.model_architecture, settings.input_shape, len(labels), config.dropout_rate
+    )
+    logger.info("Model %s: %d parameters", config.model_architecture, model.count_params())
+    optimizer = make_optimizer(config.optimizer, config.learning_rate[0], config.weight_decay)
+    exclude_from_weight_decay(optimizer, model.trainable_variables)
+    optimizer.build(model.trainable_variables)
+    global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer, step=global_step)
+    manager = tf.train.CheckpointManager(checkpoint, str(ckpts_dir), max_to_keep=5, checkpoint_name="ckpt")
+    if start_checkpoint:
+        checkpoint.restore(start_checkpoint).assert_existing_objects_matched()
+        logger.info("Resumed from %s at step %d", start_checkpoint, int(global_step.numpy()))
+    return TrainingState(model, optimizer, global_step, checkpoint, manager)
+
+
+class _Window:
+    """Loss and accuracy of the training batches since the last evaluation."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+        self.accuracies: list[float] = []
+        self.started = time.monotonic()
+
+    def add(self, loss, accuracy) -> None:
+        self.losses.append(float(loss))
+        self.accuracies.append(float(accuracy))
+
+    def recent(self) -> tuple[float, float]:
+        """Mean loss and accuracy of the last SUMMARY_EVERY_STEPS steps."""
+        return (float(np.mean(self.losses[-SUMMARY_EVERY_STEPS:])),
+                float(np.mean(self.accuracies[-SUMMARY_EVERY_STEPS:])))
+
+
+def fit(state: TrainingState, train_step, batches, validation_data: tf.data.Dataset, labels: list[str],
+        config: Config, run: RunDir, tracker: tracking.Tracker, control: LoopControl) -> list[dict]:
+    """The step loop from the state's step to sum(how_many_training_steps), with
+    the scheduled learning rate, summaries, validation every eval_step_interval
+    steps and checkpoints; saves and raises TrainingCancelled when cancelled.
+    Answers the history of validation results."""
     total_steps = sum(config.how_many_training_steps)
-    first_step = int(global_step.numpy())
-    history = []
+    first_step = state.step
     if first_step >= total_steps:
         logger.warning("The checkpoint is at step %d, past the %d configured steps", first_step, total_steps)
-    bar = tqdm(total=total_steps, initial=first_step, desc="Training", unit="step", disable=not progress)
-    window_loss, window_accuracy, window_started = [], [], time.monotonic()
-    batches = iter(train_data)
+    train_writer = tf.summary.create_file_writer(str(run.logs / "train"))
+    validation_writer = tf.summary.create_file_writer(str(run.logs / "validation"))
+    bar = tqdm(total=total_steps, initial=first_step, desc="Training", unit="step", disable=not control.progress)
+    history, window = [], _Window()
     for step in range(first_step, total_steps):
-        if cancel is not None and cancel.is_set():
-            manager.save(checkpoint_number=step)
+        if control.cancel is not None and control.cancel.is_set():
+            state.manager.save(checkpoint_number=step)
             raise TrainingCancelled(f"training cancelled at step {step}; run {run.name} left unfinished")
-        rate = stage_learning_rate(step, config.how_many_training_steps, config.learning_rate)
-        optimizer.learning_rate = rate
-        features, batch_labels = next(batches)
-        loss, accuracy = train_step(features, batch_labels)
+        rate = learning_rate_at(step, config)
+        state.optimizer.learning_rate = rate
+        features, targets = next(batches)
+        window.add(*train_step(features, targets))
         done = step + 1
-        window_loss.append(float(loss))
-        window_accuracy.append(float(accuracy))
         if done % SUMMARY_EVERY_STEPS == 0 or done == total_steps:
+            loss, accuracy = window.recent()
             with train_writer.as_default(step=done):
-                tf.summary.scalar("loss", np.mean(window_loss[-SUMMARY_EVERY_STEPS:]))
-                tf.summary.scalar("accuracy", np.mean(window_accuracy[-SUMMARY_EVERY_STEPS:]))
+                tf.summary.scalar("loss", loss)
+                tf.summary.scalar("accuracy", accuracy)
                 tf.summary.scalar("learning_rate", rate)
-            bar.set_postfix(loss=f"{np.mean(window_loss[-SUMMARY_EVERY_STEPS:]):.3f}",
-                            acc=f"{np.mean(window_accuracy[-SUMMARY_EVERY_STEPS:]):.3f}", lr=rate)
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", lr=rate)
         bar.update(1)
-        if on_step is not None:
-            on_step(done, total_steps)
+        if control.on_step is not None:
+            control.on_step(done, total_steps)
         if done % config.eval_step_interval == 0 or done == total_steps:
-            elapsed = time.monotonic() - window_started
-            logits, truth = predict_logits(model, eval_data["validation"])
-            validation = metrics.classification_metrics(truth, logits.argmax(-1), labels)
-            with validation_writer.as_default(step=done):
-                tf.summary.scalar("accuracy", validation["accuracy"])
-            history.append({"step": done, "validation_accuracy": validation["accuracy"],
-                            "train_batch_accuracy": float(np.mean(window_accuracy)),
-                            "train_loss": float(np.mean(window_loss))})
+            history.append(_validate(state.model, validation_data, labels, validation_writer, done, total_steps,
+                                     window))
             tracker.log_evaluation(history[-1])
-            logger.info(
-                "Step %d/%d: %.1f steps/s, train accuracy %.3f, loss %.3f, validation accuracy %.3f (N=%d)",
-                done, total_steps, len(window_loss) / max(elapsed, 1e-9), np.mean(window_accuracy),
-                np.mean(window_loss), validation["accuracy"], len(truth),
-            )
-            logger.info("Validation confusion matrix (rows truth, columns predicted, %s):\n%s",
-                        labels, _matrix_text(validation["confusion_matrix"]))
-            window_loss, window_accuracy, window_started = [], [], time.monotonic()
+            window = _Window()
         if done % config.save_step_interval == 0:
-            manager.save(checkpoint_number=done)
+            state.manager.save(checkpoint_number=done)
     bar.close()
-    manager.save(checkpoint_number=int(global_step.numpy()))
+    state.manager.save(checkpoint_number=state.step)
     train_writer.flush()
     validation_writer.flush()
+    return history
 
+
+def _validate(model, validation_data, labels, writer, done: int, total_steps: int, window: _Window) -> dict:
+    """Score the whole validation set at step `done`; log it and answer its history entry."""
+    elapsed = time.monotonic() - window.started
+    logits, truth = predict_logits(model, validation_data)
+    validation = metrics.classification_metrics(truth, logits.argmax(-1), labels)
+    with writer.as_default(step=done):
+        tf.summary.scalar("accuracy", validation["accuracy"])
+        tf.summary.scalar("balanced_accuracy", validation["balanced_accuracy"])
+    logger.info(
+        "Step %d/%d: %.1f steps/s, train accuracy %.3f, loss %.3f, validation accuracy %.3f, "
+        "balanced accuracy %.3f (N=%d)",
+        done, total_steps, len(window.losses) / max(elapsed, 1e-9), np.mean(window.accuracies),
+        np.mean(window.losses), validation["accuracy"], validation["balanced_accuracy"], len(truth),
+    )
+    logger.info("Validation confusion matrix (rows truth, columns predicted, %s):\n%s",
+                labels, _matrix_text(validation["confusion_matrix"]))
+    return {"step": done, "validation_accuracy": validation["accuracy"],
+            "validation_balanced_accuracy": validation["balanced_accuracy"],
+            "train_batch_accuracy": float(np.mean(window.accuracies)),
+            "train_loss": float(np.mean(window.losses))}
+
+
+def evaluate(model, eval_data: dict[str, tf.data.Dataset], labels: list[str]) -> dict[str, dict]:
+    """Final metrics of every split, scored in inference mode as the exports run."""
     results = {}
     for split in data.SPLITS:
         logits, truth = predict_logits(model, eval_data[split])
         results[split] = metrics.classification_metrics(truth, logits.argmax(-1), labels)
-    logger.info("Final accuracy: training %.3f, validation %.3f, testing %.3f",
-                results["training"]["accuracy"], results["validation"]["accuracy"], results["testing"]["accuracy"])
+    logger.info("Final accuracy: training %.3f, validation %.3f, testing %.3f; balanced accuracy: validation %.3f, "
+                "testing %.3f", results["training"]["accuracy"], results["validation"]["accuracy"],
+                results["testing"]["accuracy"], results["validation"]["balanced_accuracy"],
+                results["testing"]["balanced_accuracy"])
     logger.info("Test confusion matrix (%s):\n%s", labels, _matrix_text(results["testing"]["confusion_matrix"]))
+    return results
 
+
+def write(state: TrainingState, config: Config, settings: FeatureSettings, prepared: PreparedData, run: RunDir,
+          results: dict[str, dict], history: list[dict], batches, started: float) -> TrainingResult:
+    """The exports (calibrated on training `batches`), their test accuracies, the
+    streaming evaluation, metrics.json and the test confusion picture."""
+    model, labels = state.model, list(prepared.index.labels)
     calibration = representative_features(batches, REPRESENTATIVE_EXAMPLES)
     exports = export.export_all(export.InferenceModule(model, settings), run, calibration)
     exports_accuracy = export_accuracy.export_accuracies(run, settings, *prepared.evaluation["testing"])
@@ -443,7 +577,7 @@ def _train_in_run(config, settings, prepared, run, start_checkpoint, progress, c
         "labels": labels,
         "model_architecture": config.model_architecture,
         "parameter_count": int(model.count_params()),
-        "steps": int(global_step.numpy()),
+        "steps": state.step,
         "duration_s": round(time.monotonic() - started, 1),
         **results,
         "skipped_clips": prepared.skipped_summary(),

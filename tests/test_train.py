@@ -259,3 +259,21 @@ def test_a_training_skips_unusable_clips_and_counts_them(toy_data, tmp_path):
         "yes/corrupt_nohash_0.wav", "yes/bomb_nohash_0.wav"}
     log = (result.run.logs / "train.log").read_text()
     assert "Skipped 2 files that cannot be used" in log and "yes/bomb_nohash_0.wav" in log
+
+
+def test_adamw_with_cosine_and_label_smoothing_trains_and_resumes_its_optimizer(toy_data, tmp_path):
+    """adamw's moments and iteration count are in the checkpoint and a resumed run takes them up."""
+    options = {"model_architecture": "tiny_conv", "optimizer": "adamw", "weight_decay": 0.01,
+               "learning_rate_schedule": "cosine", "warmup_steps": 1, "label_smoothing": 0.1}
+    first = train(toy_config(toy_data, tmp_path, how_many_training_steps="3,1", **options), progress=False)
+    assert first.metrics["steps"] == 4
+    assert 0 <= first.summary()["test_balanced_accuracy"] <= 1
+    saved = json.loads(first.run.metrics_path.read_text())
+    assert 0 <= saved["testing"]["balanced_accuracy"] <= 1
+    assert "validation_balanced_accuracy" in saved["history"][-1]
+    resumed = train(toy_config(toy_data, tmp_path, how_many_training_steps="5,1",
+                               start_checkpoint=str(first.run.ckpts), **options), progress=False)
+    assert resumed.metrics["steps"] == 6
+    assert [entry["step"] for entry in resumed.metrics["history"]] == [5, 6]
+    reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(resumed.run.ckpts)))
+    assert int(reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE")) == 6  # 4 restored + 2 more
