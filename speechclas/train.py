@@ -29,6 +29,7 @@ from speechclas import (
     export,
     export_accuracy,
     metrics,
+    normalization,
     pipeline,
     streaming,
     tracking,
@@ -46,6 +47,8 @@ EVAL_BATCH_SIZE = 256
 SKIPPED_EXAMPLES = 10
 # Training examples (augmented, as the model saw them) that calibrate the int8 export.
 REPRESENTATIVE_EXAMPLES = 300
+# Training examples (augmented) whose per-bin statistics feature_normalization=dataset keeps.
+NORMALIZATION_EXAMPLES = 1000
 
 
 class TrainingCancelled(Exception):
@@ -248,13 +251,26 @@ def _resolve_checkpoint(path: str) -> str:
     return path
 
 
+def build_network(config: Config, settings: FeatureSettings, label_count: int, training_batches=None):
+    """The configured architecture behind its feature normalisation (speechclas.normalization).
+
+    feature_normalization=dataset measures its statistics on NORMALIZATION_EXAMPLES
+    features taken from `training_batches` (the training pipeline's iterator); without
+    them (a model rebuilt to restore a checkpoint) the checkpoint supplies them.
+    """
+    model = architectures.build_model(config.model_architecture, settings.input_shape, label_count,
+                                      config.dropout_rate)
+    statistics_features = None
+    if config.feature_normalization == "dataset" and training_batches is not None:
+        statistics_features = representative_features(training_batches, NORMALIZATION_EXAMPLES)
+    return normalization.with_feature_normalization(model, config.feature_normalization, statistics_features)
+
+
 def restore_model(run: RunDir, config: Config):
     """Rebuild a run's network from its latest checkpoint (for tests, further
     training or exports made later)."""
     settings = settings_from_config(config)
-    model = architectures.build_model(
-        config.model_architecture, settings.input_shape, len(run.labels()), config.dropout_rate
-    )
+    model = build_network(config, settings, len(run.labels()))
     latest = tf.train.latest_checkpoint(str(run.ckpts))
     if latest is None:
         raise FileNotFoundError(f"run {run.name} has no checkpoint in {run.ckpts}")
@@ -348,9 +364,9 @@ def _train_in_run(config, settings, prepared, run, start_checkpoint, progress, c
     tf.random.set_seed(config.random_seed)
     index = prepared.index
     labels = list(index.labels)
-    model = architectures.build_model(
-        config.model_architecture, settings.input_shape, len(labels), config.dropout_rate
-    )
+    train_data = training_pipeline(config, settings, prepared.training)
+    batches = iter(train_data)
+    model = build_network(config, settings, len(labels), batches)
     logger.info("Model %s: %d parameters", config.model_architecture, model.count_params())
     optimizer = make_optimizer(config.optimizer, config.learning_rate[0])
     optimizer.build(model.trainable_variables)
@@ -361,7 +377,6 @@ def _train_in_run(config, settings, prepared, run, start_checkpoint, progress, c
         checkpoint.restore(start_checkpoint).assert_existing_objects_matched()
         logger.info("Resumed from %s at step %d", start_checkpoint, int(global_step.numpy()))
 
-    train_data = training_pipeline(config, settings, prepared.training)
     eval_data = {
         split: pipeline.evaluation_dataset(audio, split_labels, settings, EVAL_BATCH_SIZE)
         for split, (audio, split_labels) in prepared.evaluation.items()
@@ -377,7 +392,6 @@ def _train_in_run(config, settings, prepared, run, start_checkpoint, progress, c
         logger.warning("The checkpoint is at step %d, past the %d configured steps", first_step, total_steps)
     bar = tqdm(total=total_steps, initial=first_step, desc="Training", unit="step", disable=not progress)
     window_loss, window_accuracy, window_started = [], [], time.monotonic()
-    batches = iter(train_data)
     for step in range(first_step, total_steps):
         if cancel is not None and cancel.is_set():
             manager.save(checkpoint_number=step)
