@@ -13,6 +13,7 @@ import tensorflow as tf
 from speechclas import architectures, export
 from speechclas.audio import decode_audio, fix_length, place_in_window
 from speechclas.config import load_param_specs
+from speechclas.detect import load_scorer
 from speechclas.features import compute_features, feature_settings, settings_from_config
 from speechclas.normalization import (
     LAYER_NAME,
@@ -127,8 +128,8 @@ def test_dataset_normalisation_keeps_the_training_statistics_through_a_checkpoin
 
 
 def assert_exports_agree(run, config, wav_path: Path) -> np.ndarray:
-    """SavedModel, frozen graph, float TFLite and the Predictor within 1e-4 of the restored
-    Keras model; the int8 model, fed the features before normalisation, within 0.05."""
+    """SavedModel, frozen graph, float TFLite, the Predictor and detection's scorer within 1e-4
+    of the restored Keras model; the int8 model, fed the features before normalisation, within 0.05."""
     settings = settings_from_config(config)
     wav_bytes = wav_path.read_bytes()
     samples = place_in_window(decode_audio(wav_bytes, settings.sample_rate).samples, settings.desired_samples)[0]
@@ -145,6 +146,8 @@ def assert_exports_agree(run, config, wav_path: Path) -> np.ndarray:
     np.testing.assert_allclose(export.run_frozen_graph(run.frozen_graph_path, wav_bytes), reference, atol=1e-4)
     np.testing.assert_allclose(export.run_tflite(run.tflite_path, samples), reference, atol=1e-4)
     np.testing.assert_allclose(Predictor.load(run).probabilities(samples), reference, atol=1e-4)
+    scorer = load_scorer(run)  # detection: a stream's frames once, each window normalised inside the model
+    np.testing.assert_allclose(scorer.score(scorer.frames(samples)[None])[0], reference, atol=1e-4)
     np.testing.assert_allclose(export.run_tflite(run.int8_tflite_path, features), reference, atol=0.05)
     return reference
 
