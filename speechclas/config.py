@@ -76,6 +76,7 @@ class Config:
     window_stride_ms: float = _field("model_settings")
     feature_bin_count: int = _field("model_settings")
     preprocess: str = _field("model_settings")
+    feature_normalization: str = _field("model_settings")
     dropout_rate: float = _field("model_settings")
     # audio_processor
     wanted_words: tuple = _field("audio_processor")

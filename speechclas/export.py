@@ -28,7 +28,14 @@ from tensorflow.lite.experimental.microfrontend.python.ops import (  # noqa: F40
 )
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-from speechclas.features import MICRO_FEATURE_SCALE, FeatureSettings, compute_features, micro_frontend_options
+from speechclas.features import (
+    MICRO_FEATURE_SCALE,
+    FeatureSettings,
+    compute_features,
+    logmel_options,
+    micro_frontend_options,
+)
+from speechclas.normalization import normalization_mode
 from speechclas.rundir import RunDir
 
 logger = logging.getLogger(__name__)
@@ -134,7 +141,10 @@ def tflite_takes_features(settings: FeatureSettings) -> bool:
 
     The converter cannot place the micro frontend in a model LiteRT runs:
     AudioMicrofrontend is neither a TFLite builtin, nor a custom op that
-    LiteRT's op resolver registers, nor a select-TF (flex) op.
+    LiteRT's op resolver registers, nor a select-TF (flex) op. The other
+    features can: AudioSpectrogram and Mfcc are custom ops LiteRT registers,
+    log-mel adds a FULLY_CONNECTED (the mel matrix) and a LOG, and feature
+    normalisation MEAN, SQUARED_DIFFERENCE, RSQRT, SUB and MUL, all builtins.
     """
     return settings.preprocess == "micro"
 
@@ -203,7 +213,7 @@ def export_all(module: InferenceModule, run: RunDir, representative_features: np
     export_frozen_graph(module, run.frozen_graph_path)
     export_tflite(module, run.tflite_path)
     export_int8_tflite(module, run.int8_tflite_path, representative_features)
-    description = describe_exports(run, module.settings)
+    description = describe_exports(run, module.settings, normalization_mode(module.model))
     run.model_json_path.write_text(json.dumps(description, indent=2) + "\n")
     logger.info("Exported the model to %s", run.ckpts)
     return {key: str(value) for key, value in paths.items()}
@@ -268,9 +278,19 @@ def describe_frozen_graph(path: Path) -> dict:
     }
 
 
-def describe_exports(run: RunDir, settings: FeatureSettings) -> dict:
-    """model.json: what a run's exports take and answer, read back from the written files."""
-    features = {**dataclasses.asdict(settings), "frames": settings.spectrogram_length}
+def describe_exports(run: RunDir, settings: FeatureSettings, feature_normalization: str = "none") -> dict:
+    """model.json: what a run's exports take and answer, read back from the written files.
+
+    `feature_normalization` runs inside every export (speechclas.normalization):
+    an export that takes features takes them before normalisation.
+    """
+    features = {
+        **dataclasses.asdict(settings),
+        "frames": settings.spectrogram_length,
+        "feature_normalization": feature_normalization,
+    }
+    if settings.preprocess == "logmel":
+        features["logmel"] = logmel_options(settings)
     if settings.preprocess == "micro":
         features["micro_frontend"] = {**micro_frontend_options(settings), "feature_scale": MICRO_FEATURE_SCALE}
     tflite_input = "features" if tflite_takes_features(settings) else "audio"

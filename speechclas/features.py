@@ -4,8 +4,10 @@ The same `compute_features` runs in the training pipeline and inside every
 exported model, so a deployed model sees exactly what training saw.
 The sizes (`feature_settings`) are plain arithmetic and import no
 TensorFlow, so DEEPaaS's main process can check a training's sizes before
-handing it to a worker. ``preprocess=micro`` is TF's audio micro frontend,
-the features TFLite Micro computes on a microcontroller.
+handing it to a worker. ``preprocess=logmel`` puts a mel filterbank and a
+log on the same spectrogram (the features BC-ResNet and TC-ResNet are defined
+on); ``preprocess=micro`` is TF's audio micro frontend, the features TFLite
+Micro computes on a microcontroller.
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import tensorflow as tf
 
-PREPROCESS_CHOICES = ("mfcc", "average", "micro")
+PREPROCESS_CHOICES = ("mfcc", "logmel", "average", "micro")
+# Log-mel: triangular mel filters from 20 Hz (below it a voice has no energy, and
+# the lowest filters would be narrower than an FFT bin) to 7600 Hz, 95 % of the
+# Nyquist frequency at 16 kHz (kws_streaming's edges); lower rates keep that
+# fraction. The offset bounds the log of a silent band at log(1e-6), about -13.8,
+# far below a voice's bands yet above float32 noise, so digital silence is finite.
+LOGMEL_LOWER_EDGE_HZ = 20.0
+LOGMEL_UPPER_EDGE_HZ = 7600.0
+LOGMEL_UPPER_EDGE_OF_NYQUIST = 0.95
+LOGMEL_OFFSET = 1e-6
 # TF's speech_commands (input_data.py) scales the micro frontend's float output
 # by 10/256, bringing its 0..~670 range to about 0..26.
 MICRO_FEATURE_SCALE = 10.0 / 256.0
@@ -76,7 +87,7 @@ def feature_settings(
     if preprocess == "average":
         average_window_width = max(1, fft_bin_count // feature_bin_count)
         fingerprint_width = math.ceil(fft_bin_count / average_window_width)
-    elif preprocess in ("mfcc", "micro"):
+    elif preprocess in ("mfcc", "logmel", "micro"):
         average_window_width = -1
         fingerprint_width = feature_bin_count
     else:
@@ -135,6 +146,8 @@ def compute_features(audio: tf.Tensor, settings: FeatureSettings) -> tf.Tensor:
             sample_rate=settings.sample_rate,
             dct_coefficient_count=settings.feature_bin_count,
         )
+    elif settings.preprocess == "logmel":
+        features = log_mel(spectrogram, settings)
     else:
         pooled = tf.nn.pool(
             tf.expand_dims(spectrogram, -1),
@@ -145,6 +158,43 @@ def compute_features(audio: tf.Tensor, settings: FeatureSettings) -> tf.Tensor:
         )
         features = tf.squeeze(pooled, -1)
     return tf.expand_dims(features, -1)
+
+
+def logmel_options(settings: FeatureSettings) -> dict:
+    """The log-mel settings a device needs to compute the same features: the
+    power spectrum of an `fft_length`-point FFT of each Hann-windowed frame (as
+    AudioSpectrogram), `num_mel_bins` triangular HTK-mel filters between the
+    edges (tf.signal.linear_to_mel_weight_matrix), then log(mel + log_offset)."""
+    nyquist_hz = settings.sample_rate / 2
+    return {
+        "fft_length": _next_power_of_two(settings.window_size_samples),
+        "num_mel_bins": settings.feature_bin_count,
+        "lower_edge_hertz": LOGMEL_LOWER_EDGE_HZ,
+        "upper_edge_hertz": min(LOGMEL_UPPER_EDGE_HZ, LOGMEL_UPPER_EDGE_OF_NYQUIST * nyquist_hz),
+        "log_offset": LOGMEL_OFFSET,
+    }
+
+
+def log_mel(spectrogram: tf.Tensor, settings: FeatureSettings) -> tf.Tensor:
+    """Power spectrogram [channels, frames, fft bins] to log-mel [channels, frames, mel bins].
+
+    The mel matrix is computed eagerly and enters the graph as a constant, so
+    every export holds a plain MatMul and Log (TFLite builtins) after the
+    AudioSpectrogram op.
+    """
+    import tensorflow as tf
+
+    options = logmel_options(settings)
+    with tf.init_scope():  # eager even while a tf.function or tf.data map is traced
+        weights = tf.signal.linear_to_mel_weight_matrix(
+            num_mel_bins=options["num_mel_bins"],
+            num_spectrogram_bins=options["fft_length"] // 2 + 1,
+            sample_rate=settings.sample_rate,
+            lower_edge_hertz=options["lower_edge_hertz"],
+            upper_edge_hertz=options["upper_edge_hertz"],
+        ).numpy()
+    mel = tf.matmul(spectrogram, tf.constant(weights))
+    return tf.math.log(mel + options["log_offset"])
 
 
 def micro_frontend_options(settings: FeatureSettings) -> dict:

@@ -31,6 +31,7 @@ from speechclas import (
     export,
     export_accuracy,
     metrics,
+    normalization,
     pipeline,
     streaming,
     tracking,
@@ -48,6 +49,8 @@ EVAL_BATCH_SIZE = 256
 SKIPPED_EXAMPLES = 10
 # Training examples (augmented, as the model saw them) that calibrate the int8 export.
 REPRESENTATIVE_EXAMPLES = 300
+# Training examples (augmented) whose per-bin statistics feature_normalization=dataset keeps.
+NORMALIZATION_EXAMPLES = 1000
 
 
 class TrainingCancelled(Exception):
@@ -300,13 +303,26 @@ def _resolve_checkpoint(path: str) -> str:
     return path
 
 
+def build_network(config: Config, settings: FeatureSettings, label_count: int, training_batches=None):
+    """The configured architecture behind its feature normalisation (speechclas.normalization).
+
+    feature_normalization=dataset measures its statistics on NORMALIZATION_EXAMPLES
+    features taken from `training_batches` (the training pipeline's iterator); without
+    them (a model rebuilt to restore a checkpoint) the checkpoint supplies them.
+    """
+    model = architectures.build_model(config.model_architecture, settings.input_shape, label_count,
+                                      config.dropout_rate)
+    statistics_features = None
+    if config.feature_normalization == "dataset" and training_batches is not None:
+        statistics_features = representative_features(training_batches, NORMALIZATION_EXAMPLES)
+    return normalization.with_feature_normalization(model, config.feature_normalization, statistics_features)
+
+
 def restore_model(run: RunDir, config: Config):
     """Rebuild a run's network from its latest checkpoint (for tests, further
     training or exports made later)."""
     settings = settings_from_config(config)
-    model = architectures.build_model(
-        config.model_architecture, settings.input_shape, len(run.labels()), config.dropout_rate
-    )
+    model = build_network(config, settings, len(run.labels()))
     latest = tf.train.latest_checkpoint(str(run.ckpts))
     if latest is None:
         raise FileNotFoundError(f"run {run.name} has no checkpoint in {run.ckpts}")
@@ -425,15 +441,15 @@ def _train_in_run(config, settings, prepared, run, *, start_checkpoint, progress
     """Build, fit, evaluate and write one run inside its folder."""
     tf.random.set_seed(config.random_seed)
     labels = list(prepared.index.labels)
-    state = build(config, settings, labels, run.ckpts, start_checkpoint)
     train_data = training_pipeline(config, settings, prepared.training)
+    batches = iter(train_data)
+    state = build(config, settings, labels, run.ckpts, start_checkpoint, batches)
     eval_data = {
         split: pipeline.evaluation_dataset(audio, split_labels, settings, EVAL_BATCH_SIZE)
         for split, (audio, split_labels) in prepared.evaluation.items()
     }
     train_step = make_train_step(state.model, state.optimizer, state.global_step, config.check_nans,
                                  config.label_smoothing)
-    batches = iter(train_data)
     history = fit(state, train_step, batches, eval_data["validation"], labels, config, run, tracker,
                   LoopControl(progress, cancel, on_step))
     results = evaluate(state.model, eval_data, labels)
@@ -441,12 +457,11 @@ def _train_in_run(config, settings, prepared, run, *, start_checkpoint, progress
 
 
 def build(config: Config, settings: FeatureSettings, labels: list[str], ckpts_dir: Path,
-          start_checkpoint: str | None) -> TrainingState:
+          start_checkpoint: str | None, training_batches=None) -> TrainingState:
     """A fresh network and optimizer, restored from `start_checkpoint` when given
-    (the step count goes on from it); checkpoints go to `ckpts_dir`."""
-    model = architectures.build_model(
-        config.model_architecture, settings.input_shape, len(labels), config.dropout_rate
-    )
+    (the step count goes on from it); checkpoints go to `ckpts_dir`. `training_batches`
+    (the pipeline's iterator) feed feature_normalization=dataset its statistics."""
+    model = build_network(config, settings, len(labels), training_batches)
     logger.info("Model %s: %d parameters", config.model_architecture, model.count_params())
     optimizer = make_optimizer(config.optimizer, config.learning_rate[0], config.weight_decay)
     exclude_from_weight_decay(optimizer, model.trainable_variables)

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from speechclas.audio import decode_audio, fix_length
 from speechclas.config import load_param_specs
-from speechclas.features import PREPROCESS_CHOICES, compute_features, feature_settings
+from speechclas.features import PREPROCESS_CHOICES, compute_features, feature_settings, logmel_options
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_YES = ROOT / "data" / "demo" / "yes"
@@ -127,3 +127,48 @@ def test_batching_does_not_change_a_clips_features(preprocess):
     for position, clip in enumerate(audio):
         alone = compute_features(tf.constant(clip[None, :]), settings).numpy()[0]
         np.testing.assert_allclose(batched[position], alone, rtol=1e-5, atol=1e-4)
+
+
+def numpy_mel_matrix(fft_bin_count, mel_bin_count, rate, lower_hz, upper_hz):
+    """Triangular filters, equally spaced in HTK mel (1127 ln(1 + f/700)), over the FFT bin
+    frequencies; the DC bin takes no weight. Written from the definition, not from tf.signal."""
+    def mel(hz):
+        return 1127.0 * np.log1p(np.asarray(hz, np.float64) / 700.0)
+
+    bin_mels = mel(np.linspace(0, rate / 2, fft_bin_count))[1:, None]
+    edges = np.linspace(mel(lower_hz), mel(upper_hz), mel_bin_count + 2)
+    lower, centre, upper = edges[:-2], edges[1:-1], edges[2:]
+    rising = (bin_mels - lower) / (centre - lower)
+    falling = (upper - bin_mels) / (upper - centre)
+    return np.pad(np.maximum(0, np.minimum(rising, falling)), ((1, 0), (0, 0)))
+
+
+@pytest.mark.parametrize("rate", [RATE, 8000])
+def test_logmel_is_the_log_of_mel_filters_on_the_power_spectrogram(rate):
+    settings = defaults("logmel", sample_rate=rate)
+    audio = np.stack([fix_length(decode_audio(min(DEMO_YES.glob("*.wav")), rate).samples, rate),
+                      np.pad(sine(440, rate), (0, rate // 2)), np.zeros(rate, np.float32)])
+    features = compute_features(tf.constant(audio), settings).numpy()
+    power = tf.raw_ops.AudioSpectrogram(input=tf.constant(audio.T), window_size=settings.window_size_samples,
+                                        stride=settings.window_stride_samples, magnitude_squared=True).numpy()
+    # 20 Hz to 7600 Hz at 16 kHz, 95 % of the Nyquist frequency below it.
+    upper_hz = 7600.0 if rate == RATE else 3800.0
+    weights = numpy_mel_matrix(power.shape[-1], 40, rate, 20.0, upper_hz)
+    expected = np.log(power.astype(np.float64) @ weights + 1e-6)
+    assert features.shape == (3, 98, 40, 1)
+    np.testing.assert_allclose(features[..., 0], expected, rtol=1e-4, atol=1e-3)
+    assert features[2].max() == pytest.approx(np.log(1e-6))  # digital silence: the offset's log, not -inf
+    assert features[0].max() > 0  # a voice stands far above it
+
+
+def test_logmel_sizes_follow_the_settings():
+    settings = feature_settings(sample_rate=8000, clip_duration_ms=750, window_size_ms=25.0, window_stride_ms=20.0,
+                                feature_bin_count=32, preprocess="logmel")
+    # 6000 samples, windows of 200 every 160: 1 + (6000 - 200) // 160 = 37 frames of 32 mel bins.
+    assert settings.input_shape == (37, 32, 1)
+    options = logmel_options(settings)
+    assert options["fft_length"] == 256 and options["upper_edge_hertz"] == pytest.approx(3800.0)
+    audio = np.random.default_rng(2).normal(0, 0.1, (2, settings.desired_samples)).astype(np.float32)
+    features = compute_features(tf.constant(audio), settings).numpy()
+    assert features.shape == (2, *settings.input_shape)
+    assert np.all(np.isfinite(features))
