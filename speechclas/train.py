@@ -253,7 +253,8 @@ def restore_model(run: RunDir, config: Config):
     training or exports made later)."""
     settings = settings_from_config(config)
     model = architectures.build_model(
-        config.model_architecture, settings.input_shape, len(run.labels()), config.dropout_rate
+        config.model_architecture, settings.input_shape, len(run.labels()), config.dropout_rate,
+        width=config.model_width,
     )
     latest = tf.train.latest_checkpoint(str(run.ckpts))
     if latest is None:
@@ -349,7 +350,8 @@ def _train_in_run(config, settings, prepared, run, start_checkpoint, progress, c
     index = prepared.index
     labels = list(index.labels)
     model = architectures.build_model(
-        config.model_architecture, settings.input_shape, len(labels), config.dropout_rate
+        config.model_architecture, settings.input_shape, len(labels), config.dropout_rate,
+        width=config.model_width,
     )
     logger.info("Model %s: %d parameters", config.model_architecture, model.count_params())
     optimizer = make_optimizer(config.optimizer, config.learning_rate[0])
