@@ -94,9 +94,10 @@ class SubSpectralNorm(layers.Layer):
 
 
 def _broadcasted_block(x, channels: int, frequency_stride: int, dilation: int, name: str):
-    """One BC-ResBlock; a transition block (new channel count) starts with a
-    1x1 convolution and has no identity shortcut."""
-    transition = x.shape[-1] != channels
+    """One BC-ResBlock; a transition block (the first of a stage: new channel
+    count, or a frequency stride) starts with a 1x1 convolution and has no
+    identity shortcut."""
+    transition = x.shape[-1] != channels or frequency_stride != 1
     shortcut = x
     if transition:
         x = layers.Conv2D(channels, 1, use_bias=False, name=f"{name}_expand")(x)
