@@ -50,7 +50,8 @@ def cycle(items):
 def measure(name: str, config, settings, prepared, steps: int, max_seconds: float) -> dict:
     config = config.replace(model_architecture=name)
     dataset = training_pipeline(config, settings, prepared.training)
-    model = architectures.build_model(name, settings.input_shape, len(prepared.index.labels), config.dropout_rate)
+    model = architectures.build_model(name, settings.input_shape, len(prepared.index.labels), config.dropout_rate,
+                                      width=config.model_width)
     optimizer = make_optimizer(config.optimizer, config.learning_rate[0])
     optimizer.build(model.trainable_variables)
     step = make_train_step(model, optimizer, tf.Variable(0, dtype=tf.int64), check_nans=False)

@@ -70,6 +70,7 @@ class Config:
     models_dir: str = _field("general")
     # model_settings
     model_architecture: str = _field("model_settings")
+    model_width: float = _field("model_settings")
     sample_rate: int = _field("model_settings")
     clip_duration_ms: int = _field("model_settings")
     window_size_ms: float = _field("model_settings")

@@ -311,7 +311,7 @@ def build_network(config: Config, settings: FeatureSettings, label_count: int, t
     them (a model rebuilt to restore a checkpoint) the checkpoint supplies them.
     """
     model = architectures.build_model(config.model_architecture, settings.input_shape, label_count,
-                                      config.dropout_rate)
+                                      config.dropout_rate, width=config.model_width)
     statistics_features = None
     if config.feature_normalization == "dataset" and training_batches is not None:
         statistics_features = representative_features(training_batches, NORMALIZATION_EXAMPLES)
