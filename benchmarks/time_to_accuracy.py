@@ -486,8 +486,9 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    if not args.verbose:
-        logging.getLogger("speechclas").setLevel(logging.WARNING)
+    if not args.verbose:  # the trainings' INFO lines still go to each run's logs/train.log
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(lambda record: record.name == logger.name or record.levelno >= logging.WARNING)
     ensure_tools()
     work_dir = args.work_dir.resolve()
     sizes = DataSizes(args.training_speakers, args.heldout_speakers)

@@ -117,6 +117,7 @@ def test_heldout_families_hold_every_word_of_new_voices_and_are_reused(tmp_path,
             assert 1600 <= info.frames <= 16000, clip
     voices = (families["other-languages"] / "README.md").read_text()
     assert "| en" not in voices and any(f"| {v} |" in voices for v in tta.OTHER_LANGUAGE_VOICES)
+    assert not any(f"| {v} |" in voices for v in tta.KLATT_VARIANTS)
     klatt = (families["klatt"] / "README.md").read_text()
     assert any(f"| {v} |" in klatt for v in tta.KLATT_VARIANTS)
     clean = next((tmp_path / "data").glob("channel-clean-*"))
