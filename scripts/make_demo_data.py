@@ -129,22 +129,23 @@ def _hash_split(speaker_id, held_out_percentage=10.0):
     return "training"
 
 
-def choose_speakers(count, seed):
-    """Draw `count` distinct speakers from `seed`.
+def choose_speakers(count, seed, voices=VOICES, variants=VARIANTS):
+    """Draw `count` distinct speakers from `seed`, `voices` and `variants`.
 
     Accents go round-robin (in a seeded order) so that even 16 speakers cover
     every accent; the rest is drawn at random. A speaker whose hash split is
     already full is redrawn, so validation and testing get 10 % each.
     """
     rng = random.Random(seed)
-    voices = list(VOICES)
+    voices = list(voices)
+    variants = list(variants)
     rng.shuffle(voices)
     quotas = _split_quotas(count)
     speakers, ids = [], set()
     while len(speakers) < count:
         speaker = Speaker(
             voice=voices[len(speakers) % len(voices)],
-            variant=rng.choice(VARIANTS),
+            variant=rng.choice(variants),
             pitch=rng.randint(*PITCH_RANGE),
             speed=rng.randint(*SPEED_RANGE),
             level_db=round(rng.uniform(*LEVEL_DB_RANGE), 1),
@@ -371,6 +372,13 @@ def parse_words(text, default):
     return [word.strip() for word in text.split(",") if word.strip()]
 
 
+def parse_names(text, default):
+    """Comma-separated espeak-ng voice or variant names; None gives `default`."""
+    if text is None:
+        return list(default)
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("data/demo"), help="output folder")
@@ -391,6 +399,22 @@ def parse_args(argv=None):
         help="comma-separated filler words, may be empty "
         f"(default: {','.join(DEFAULT_UNKNOWN_WORDS)})",
     )
+    parser.add_argument(
+        "--voices",
+        help="comma-separated espeak-ng voices (`espeak-ng --voices`) to draw speakers from; "
+        "another language's voice reads the English words with its own rules, an accent "
+        f"(default: {','.join(VOICES)})",
+    )
+    parser.add_argument(
+        "--variants",
+        help="comma-separated espeak-ng voice variants (`espeak-ng --voices=variant`) to draw "
+        "from (default: the 51 that still sound like speech, klatt..klatt5 included)",
+    )
+    parser.add_argument(
+        "--exclude-variants",
+        default="",
+        help="comma-separated variants to leave out of --variants, e.g. to hold out a family",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed for everything")
     parser.add_argument(
         "--noise-seconds",
@@ -406,8 +430,13 @@ def parse_args(argv=None):
     args.unknown_words = [
         w for w in parse_words(args.unknown_words, DEFAULT_UNKNOWN_WORDS) if w not in args.words
     ]
+    args.voices = parse_names(args.voices, VOICES)
+    excluded = set(parse_names(args.exclude_variants, ()))
+    args.variants = [v for v in parse_names(args.variants, VARIANTS) if v not in excluded]
     if args.speakers < 1 or not args.words:
         parser.error("need at least one speaker and one word")
+    if not args.voices or not args.variants:
+        parser.error("need at least one voice and one variant")
     return args
 
 
@@ -416,7 +445,7 @@ def main(argv=None):
     args = parse_args(argv)
     ensure_espeak()
     started = time.monotonic()
-    speakers = choose_speakers(args.speakers, args.seed)
+    speakers = choose_speakers(args.speakers, args.seed, args.voices, args.variants)
     words = args.words + args.unknown_words
     jobs = [
         (word, speaker, args.out / word / f"{speaker.id}_nohash_0.wav", args.seed, args.full_clips)

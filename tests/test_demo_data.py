@@ -4,6 +4,7 @@ The demo data stands in for speech_commands in training and API tests, so it
 must keep that corpus' layout and format.  Only the last test needs espeak-ng.
 """
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -84,6 +85,26 @@ def test_background_noise_has_long_clips():
 def test_readme_says_how_it_was_made():
     text = (DEMO / "README.md").read_text()
     assert "make_demo_data.py" in text and "Apache-2.0" in text
+
+
+def _make_demo_data_module():
+    spec = importlib.util.spec_from_file_location("make_demo_data", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_voice_options_choose_the_pool_and_default_to_the_shipped_one():
+    script = _make_demo_data_module()
+    default = script.parse_args([])
+    assert (default.voices, default.variants) == (list(script.VOICES), list(script.VARIANTS))
+    held_out = script.parse_args(["--voices", "de, fr-fr", "--exclude-variants", "klatt,klatt2"])
+    assert held_out.voices == ["de", "fr-fr"]
+    assert held_out.variants == [v for v in script.VARIANTS if v not in ("klatt", "klatt2")]
+    speakers = script.choose_speakers(12, 5, held_out.voices, ["m1", "f2"])
+    assert {s.voice for s in speakers} == {"de", "fr-fr"} and {s.variant for s in speakers} <= {"m1", "f2"}
+    assert script.choose_speakers(12, 5) == script.choose_speakers(12, 5, script.VOICES, script.VARIANTS)
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")

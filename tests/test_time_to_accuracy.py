@@ -1,0 +1,129 @@
+"""The pure parts of benchmarks/time_to_accuracy.py: budget to steps, scoring,
+recipes, and (with espeak-ng and sox) the held-out family builder."""
+
+import importlib.util
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+
+from speechclas.config import load_param_specs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_benchmark():
+    spec = importlib.util.spec_from_file_location("time_to_accuracy", ROOT / "benchmarks" / "time_to_accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+tta = _load_benchmark()
+
+
+def test_steps_fill_the_budget_and_one_more_would_not_fit():
+    calibration = tta.Calibration(fixed_s=60.0, step_s=0.3, eval_s=5.0)
+    for budget_s, interval in ((300.0, 400), (600.0, 100), (61.0, 400)):
+        steps = tta.steps_for_budget(budget_s, calibration, interval)
+        assert steps >= 1
+        assert tta.training_seconds(steps, calibration, interval) <= budget_s
+        assert tta.training_seconds(steps + 1, calibration, interval) > budget_s
+    # 240 s after the fixed cost: 783 steps after the first (234.9 s) and one evaluation (5 s)
+    assert tta.steps_for_budget(300.0, calibration, 400) == 784
+
+
+def test_a_budget_below_the_fixed_cost_holds_no_steps():
+    assert tta.steps_for_budget(30.0, tta.Calibration(fixed_s=60.0, step_s=0.3, eval_s=5.0), 400) == 0
+
+
+def test_calibration_splits_steps_evaluation_and_fixed_cost():
+    step_s, eval_s, eval_after = 0.5, 4.0, 5
+    times, now = [], 10.0  # 10 s before the first step ended: loading and tracing
+    for step in range(1, 11):
+        now += step_s + (eval_s if step == eval_after + 1 else 0.0)
+        times.append(now)
+    total_s = times[-1] + 20.0  # final evaluation and exports after the last step
+    calibration = tta.calibration_from_times(times, total_s, eval_after)
+    assert calibration.step_s == pytest.approx(step_s)
+    assert calibration.eval_s == pytest.approx(eval_s)
+    assert calibration.fixed_s == pytest.approx(total_s - 9 * step_s - eval_s)
+    assert tta.training_seconds(10, calibration, eval_after) == pytest.approx(total_s)
+
+
+def test_stages_scale_in_proportion_and_add_up():
+    assert tta.scale_stages((1000, 300), 130) == (100, 30)
+    assert sum(tta.scale_stages((1000, 300), 7)) == 7
+    assert tta.scale_stages((1000, 1, 1), 3) == (1, 1, 1)
+    assert tta.scale_stages((500,), 42) == (42,)
+    with pytest.raises(ValueError):
+        tta.scale_stages((1, 1, 1), 2)
+
+
+def test_balanced_accuracy_is_the_mean_recall_over_classes_present():
+    truth = ["yes"] * 4 + ["no"] * 2 + ["_unknown_"] * 10
+    predicted = ["yes", "yes", "yes", "no"] + ["_silence_", "no"] + ["_unknown_"] * 10
+    # recalls: yes 3/4, no 1/2, unknown 1 ("up" has no clip and is not counted)
+    score = tta.balanced_accuracy(truth, predicted, ["yes", "no", "up", "_unknown_"])
+    assert score == pytest.approx((0.75 + 0.5 + 1.0) / 3)
+    # answering _unknown_ to everything scores 1/3 here, whatever the plain accuracy
+    assert tta.balanced_accuracy(truth, ["_unknown_"] * 16, ["yes", "no", "_unknown_"]) == pytest.approx(1 / 3)
+
+
+def test_recipe_parser_keeps_known_keys_and_reports_the_others():
+    specs = load_param_specs()
+    overrides, skipped = tta.parse_recipe(
+        "model_architecture=ds_cnn learning_rate=0.001,0.0001 no_such_option=3 junk", specs
+    )
+    assert overrides == {"model_architecture": "ds_cnn", "learning_rate": "0.001,0.0001"}
+    assert len(skipped) == 2 and "no_such_option" in skipped[0] and "junk" in skipped[1]
+
+
+def test_unknown_architectures_are_skipped_with_a_message(caplog):
+    specs = load_param_specs()
+    recipes = {"r": "model_architecture=ds_cnn how_many_training_steps=10 learning_rate=0.01 future_knob=1"}
+    with caplog.at_level(logging.WARNING, logger="time_to_accuracy"):
+        combos = list(tta.combinations(recipes, ["conv", "no_such_net"], specs))
+    assert [combo["model_architecture"] for _, combo in combos] == ["conv"]
+    assert all("future_knob" not in combo for _, combo in combos)
+    assert "no_such_net" in caplog.text and "future_knob" in caplog.text
+    assert [c["model_architecture"] for _, c in tta.combinations(recipes, [], specs)] == ["ds_cnn"]
+
+
+def test_family_clips_label_other_words_unknown(tmp_path):
+    for word in ("yes", "cat", "_background_noise_"):
+        (tmp_path / word).mkdir()
+        (tmp_path / word / "a_nohash_0.wav").write_bytes(b"")
+    labels = [label for _, label in tta.family_clips(tmp_path, ["yes", "no"])]
+    assert sorted(labels) == ["_unknown_", "yes"]
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("sox") is None, reason="needs espeak-ng and sox")
+def test_heldout_families_hold_every_word_of_new_voices_and_are_reused(tmp_path, caplog):
+    sizes = tta.DataSizes(training_speakers=2, heldout_speakers=2, words="yes,no")
+    families = tta.build_heldout_families(tmp_path, sizes, jobs=1)
+    assert set(families) == {"other-languages", "klatt", "channel"}
+    for family, folder in families.items():
+        clips = sorted(folder.glob("*/*.wav"))
+        assert {c.parent.name for c in clips} == {"yes", "no"}, family
+        assert len(clips) == 4 and len(tta.speaker_ids(folder)) == 2, family
+        for clip in clips:
+            info = sf.info(clip)
+            assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16"), clip
+            assert 1600 <= info.frames <= 16000, clip
+    voices = (families["other-languages"] / "README.md").read_text()
+    assert "| en" not in voices and any(f"| {v} |" in voices for v in tta.OTHER_LANGUAGE_VOICES)
+    assert not any(f"| {v} |" in voices for v in tta.KLATT_VARIANTS)
+    klatt = (families["klatt"] / "README.md").read_text()
+    assert any(f"| {v} |" in klatt for v in tta.KLATT_VARIANTS)
+    clean = next((tmp_path / "data").glob("channel-clean-*"))
+    for clip in families["channel"].glob("*/*.wav"):
+        original = clean / clip.relative_to(families["channel"])
+        assert clip.read_bytes() != original.read_bytes(), clip
+    with caplog.at_level(logging.INFO, logger="time_to_accuracy"):
+        assert tta.build_heldout_families(tmp_path, sizes, jobs=1) == families
+    assert "Reusing" in caplog.text and "Building" not in caplog.text
