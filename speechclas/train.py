@@ -120,6 +120,7 @@ def prepare_data(
         unknown_label=index.label_index(data.UNKNOWN_LABEL),
         silence_label=index.label_index(data.SILENCE_LABEL),
         background=background,
+        label_count=len(index.labels),
     )
     evaluation = {}
     for number, split in enumerate(data.SPLITS):
@@ -170,12 +171,7 @@ def stage_learning_rate(step: int, steps: tuple[int, ...], rates: tuple[float, .
 
 def training_pipeline(config: Config, settings: FeatureSettings, audio: pipeline.TrainingAudio) -> tf.data.Dataset:
     """The augmenting, endless training dataset for this configuration."""
-    augment_settings = pipeline.AugmentSettings(
-        time_shift_samples=int(settings.sample_rate * config.time_shift_ms / 1000),
-        background_volume=config.background_volume,
-        background_frequency=config.background_frequency,
-        silence_label=audio.silence_label,
-    )
+    augment_settings = pipeline.augment_settings_from_config(config, settings, audio.silence_label)
     return pipeline.training_dataset(
         audio, settings, augment_settings, config.batch_size,
         config.silence_percentage, config.unknown_percentage, config.random_seed,
@@ -183,26 +179,24 @@ def training_pipeline(config: Config, settings: FeatureSettings, audio: pipeline
 
 
 def make_train_step(model, optimizer, global_step: tf.Variable, check_nans: bool):
-    """One compiled optimisation step: (features, labels) -> (loss, accuracy).
+    """One compiled optimisation step: (features, probability targets) -> (loss, accuracy).
 
     The model runs with training=True here only (dropout on, batch-norm
     statistics updated); every evaluation calls it with training=False.
     """
-    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
     @tf.function
-    def train_step(features, batch_labels):
+    def train_step(features, targets):
         with tf.GradientTape() as tape:
             logits = model(features, training=True)
-            loss = loss_fn(batch_labels, logits)
+            loss = tf.reduce_mean(tf.keras.losses.categorical_crossentropy(targets, logits, from_logits=True))
         gradients = tape.gradient(loss, model.trainable_variables)
         if check_nans:
             loss = tf.debugging.check_numerics(loss, "training loss is not finite")
             gradients = [tf.debugging.check_numerics(g, "a gradient is not finite") for g in gradients]
         optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
         global_step.assign_add(1)
-        predictions = tf.argmax(logits, axis=-1, output_type=tf.int32)
-        accuracy = tf.reduce_mean(tf.cast(tf.equal(predictions, batch_labels), tf.float32))
+        accuracy = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, axis=-1), tf.argmax(targets, axis=-1)), tf.float32))
         return loss, accuracy
 
     return train_step
@@ -384,8 +378,8 @@ def _train_in_run(config, settings, prepared, run, start_checkpoint, progress, c
             raise TrainingCancelled(f"training cancelled at step {step}; run {run.name} left unfinished")
         rate = stage_learning_rate(step, config.how_many_training_steps, config.learning_rate)
         optimizer.learning_rate = rate
-        features, batch_labels = next(batches)
-        loss, accuracy = train_step(features, batch_labels)
+        features, targets = next(batches)
+        loss, accuracy = train_step(features, targets)
         done = step + 1
         window_loss.append(float(loss))
         window_accuracy.append(float(accuracy))
