@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from speechclas import pipeline, train
+from speechclas import confine, pipeline, train
 from speechclas.config import ConfigError, load_config
 from speechclas.features import compute_features, feature_settings, settings_from_config
 from speechclas.pipeline import (
@@ -296,3 +296,14 @@ def test_training_audio_targets_have_one_column_per_label():
     _, targets = next(iter(dataset))
     assert targets.shape == (4, 6)
     assert set(np.argmax(targets.numpy(), axis=1)) <= {2, 3}
+
+
+def test_the_memory_estimate_of_an_api_training_counts_the_augmentations():
+    clips = confine.ClipCount(wanted=1000, other=500, background_seconds=60.0)
+    plain_config = load_config({"batch_size": 512})
+    augmented = load_config({"batch_size": 512, **ALL_ON})
+    settings = settings_from_config(plain_config)
+    plain_estimate = confine.estimate_memory(plain_config, settings, clips)
+    augmented_estimate = confine.estimate_memory(augmented, settings, clips)
+    assert augmented_estimate.audio == plain_estimate.audio
+    assert augmented_estimate.batches > 1.5 * plain_estimate.batches
