@@ -1,11 +1,12 @@
 """Samples per second of the input pipelines, with no model.
 
 Training: index sampling, time shift, background noise, silence/unknown
-mixing and features, exactly as a training builds them from the config.
+mixing, the configured augmentations and features, exactly as a training
+builds them from the config (key=value overrides, e.g. speed_perturbation=0.1).
 Evaluation: features only. Both after a warm-up, for a bounded number of
 batches or seconds, whichever comes first.
 
-    python benchmarks/input_pipeline.py [--data-dir data/demo] [--batches 100] [--batch-size 100]
+    python benchmarks/input_pipeline.py [--data-dir data/demo] [--batches 100] [--batch-size 100] [key=value ...]
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from speechclas import pipeline, train
-from speechclas.config import load_config
+from speechclas.config import load_config, parse_cli_overrides
 from speechclas.features import settings_from_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,10 +62,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="default: batch_size of etc/config.yaml")
     parser.add_argument("--seconds", type=float, default=60.0, help="stop timing a pipeline after this long")
     parser.add_argument("--warmup", type=int, default=5, help="untimed batches first")
+    parser.add_argument("overrides", nargs="*", help="configuration key=value pairs, as for speechclas-train")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    overrides = {"data_dir": str(args.data_dir)}
+    overrides = {**parse_cli_overrides(args.overrides), "data_dir": str(args.data_dir)}
     if args.batch_size:
         overrides["batch_size"] = args.batch_size
     config = load_config(overrides)
@@ -78,16 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         f"features {settings.input_shape} ({config.preprocess})"
     )
 
-    augment_settings = pipeline.AugmentSettings(
-        time_shift_samples=int(settings.sample_rate * config.time_shift_ms / 1000),
-        background_volume=config.background_volume,
-        background_frequency=config.background_frequency,
-        silence_label=training.silence_label,
-    )
-    training_data = pipeline.training_dataset(
-        training, settings, augment_settings, config.batch_size,
-        config.silence_percentage, config.unknown_percentage, config.random_seed,
-    )
+    training_data = train.training_pipeline(config, settings, training)
     report(f"training (batch {config.batch_size})", measure(training_data, args.batches, args.seconds, args.warmup))
 
     # Every evaluation clip of every split, passed over again and again.

@@ -19,7 +19,7 @@ OPERATOR_END = "<!-- operator-table:end -->"
 
 def _format_value(value) -> str:
     if isinstance(value, list):
-        return ",".join(str(item) for item in value)
+        return ",".join(str(item) for item in value) or "\"\""
     if isinstance(value, bool):
         return str(value).lower()
     return str(value) if value != "" else '""'

@@ -86,6 +86,15 @@ class Config:
     time_shift_ms: float = _field("audio_processor")
     background_volume: float = _field("audio_processor")
     background_frequency: float = _field("audio_processor")
+    speed_perturbation: float = _field("audio_processor")
+    pitch_perturbation: float = _field("audio_processor")
+    background_snr_db: tuple = _field("audio_processor")
+    gain_db: float = _field("audio_processor")
+    spec_time_masks: int = _field("audio_processor")
+    spec_time_mask_ms: float = _field("audio_processor")
+    spec_freq_masks: int = _field("audio_processor")
+    spec_freq_mask_bins: int = _field("audio_processor")
+    mixup_alpha: float = _field("audio_processor")
     validation_percentage: float = _field("audio_processor")
     testing_percentage: float = _field("audio_processor")
     # training_parameters
@@ -299,7 +308,8 @@ _VALUE_RULES: dict[str, Callable[[Any], None]] = {"wanted_words": check_label_na
 def coerce_value(spec: ParamSpec, value: Any) -> Any:
     """Convert a raw value (YAML, JSON or a CLI/form string) and validate it.
 
-    Lists may come as lists or as comma-separated strings ("1000,300").
+    Lists may come as lists or as comma-separated strings ("1000,300"); a
+    list may be empty only where its default is.
     """
     if spec.type.startswith("list["):
         item_kind = spec.type[5:-1]
@@ -309,7 +319,7 @@ def coerce_value(spec: ParamSpec, value: Any) -> Any:
             items = list(value)
         else:
             raise ConfigError(f"parameter {spec.name!r} must be a list, got {value!r}")
-        if not items:
+        if not items and spec.default != []:
             raise ConfigError(f"parameter {spec.name!r} must not be empty")
         result = tuple(_coerce_scalar(spec, item_kind, item) for item in items)
         for item in result:
@@ -336,6 +346,11 @@ def _check_consistency(values: Mapping[str, Any]) -> None:
         )
     if values["window_size_ms"] > values["clip_duration_ms"]:
         raise ConfigError("parameter 'window_size_ms' must not exceed 'clip_duration_ms'")
+    snr = values["background_snr_db"]
+    if snr and (len(snr) != 2 or snr[0] > snr[1]):
+        raise ConfigError(f"parameter 'background_snr_db' must be empty or 'low,high' with low <= high, got {snr}")
+    if values["pitch_perturbation"] > 0 and values["preprocess"] == "micro":
+        raise ConfigError("parameter 'pitch_perturbation' warps the spectrogram, which preprocess=micro does not expose")
     if values["validation_percentage"] + values["testing_percentage"] >= 100:
         raise ConfigError(
             "parameters 'validation_percentage' + 'testing_percentage' must leave speakers for training"

@@ -292,9 +292,15 @@ def estimate_memory(config: Config, settings: FeatureSettings, clips: ClipCount)
     background = int(clips.background_seconds * settings.sample_rate) * 4 * 2  # joined, then the pipeline's copy
     audio = (2 * clips.total + evaluation_clips) * clip_bytes + background
     cells = settings.spectrogram_length * settings.fingerprint_width
-    # Per clip of a batch: float audio, its shifted copy, the noise and the mix; the spectrogram
-    # (at most window_size_samples bins a frame); the features.
-    per_clip = (4 * settings.desired_samples + settings.spectrogram_length * settings.window_size_samples + cells) * 4
+    # Per clip of a batch: float audio, its shifted copy, the noise and the mix (and six more
+    # arrays of the speed change's interpolation); the spectrogram (at most window_size_samples
+    # bins a frame; four more copies for the frequency warp); the features (three with masks and mixup).
+    audio_arrays = 4 + (6 if config.speed_perturbation > 0 else 0)
+    spectrograms = 1 + (4 if config.pitch_perturbation > 0 else 0)
+    feature_copies = 3 if config.spec_time_masks or config.spec_freq_masks or config.mixup_alpha > 0 else 1
+    per_clip = (audio_arrays * settings.desired_samples
+                + spectrograms * settings.spectrogram_length * settings.window_size_samples
+                + feature_copies * cells) * 4
     batches = config.batch_size * (per_clip * BATCHES_IN_FLIGHT + cells * ACTIVATION_FLOATS_PER_CELL * 4)
     return MemoryEstimate(
         clips=clips.total, audio=audio, evaluation_features=evaluation_clips * cells * 4, batches=batches

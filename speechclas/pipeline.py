@@ -2,8 +2,12 @@
 
 Clips are held in memory as int16 (see data.load_clips). The training
 pipeline samples wanted words, unknown words and silence at the configured
-rates, then for a whole batch at once applies a random time shift, mixes in
-background noise and computes the features. Evaluation pipelines only
+rates, then for a whole batch at once changes the speed, shifts in time, mixes
+in background noise, changes the gain, computes the features (with a
+per-clip warp of the frequency axis), masks time and frequency bands
+(SpecAugment) and mixes pairs of clips (mixup). Every random draw is
+stateless, seeded from (random_seed, batch number), so a seed gives the same
+batches however many batches run in parallel. Evaluation pipelines only
 compute features, so validation and test inputs never change.
 """
 
@@ -16,13 +20,50 @@ import tensorflow as tf
 
 from speechclas.features import FeatureSettings, compute_features
 
+# The random draws of one batch, each from its own seed (folded in from the
+# batch's seed), so turning one augmentation on leaves the draws of the others alone.
+_SPEED, _SHIFT, _NOISE_START, _NOISE_ON, _NOISE_LEVEL, _SILENCE_LEVEL, _GAIN, _WARP, _TIME_MASKS, _FREQ_MASKS, _MIXUP = (
+    range(11)
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class AugmentSettings:
+    """What the training pipeline does to a batch; the fields after
+    silence_label are off (0 / None) unless configured."""
+
     time_shift_samples: int
     background_volume: float
     background_frequency: float
     silence_label: int
+    speed_perturbation: float = 0.0  # factor in [1 - p, 1 + p]
+    pitch_perturbation: float = 0.0  # frequency warp factor in [1 - p, 1 + p]
+    background_snr_db: tuple[float, float] | None = None  # None: the recipe's background_volume
+    gain_db: float = 0.0  # gain in [-g, +g] dB
+    spec_time_masks: int = 0
+    spec_time_mask_frames: int = 0
+    spec_freq_masks: int = 0
+    spec_freq_mask_bins: int = 0
+    mixup_alpha: float = 0.0
+
+
+def augment_settings_from_config(config, feature_settings: FeatureSettings, silence_label: int) -> AugmentSettings:
+    """The augmentation of a configuration, in samples and frames."""
+    return AugmentSettings(
+        time_shift_samples=int(feature_settings.sample_rate * config.time_shift_ms / 1000),
+        background_volume=config.background_volume,
+        background_frequency=config.background_frequency,
+        silence_label=silence_label,
+        speed_perturbation=config.speed_perturbation,
+        pitch_perturbation=config.pitch_perturbation,
+        background_snr_db=tuple(config.background_snr_db) if config.background_snr_db else None,
+        gain_db=config.gain_db,
+        spec_time_masks=config.spec_time_masks,
+        spec_time_mask_frames=int(config.spec_time_mask_ms / feature_settings.window_stride_ms),
+        spec_freq_masks=config.spec_freq_masks,
+        spec_freq_mask_bins=config.spec_freq_mask_bins,
+        mixup_alpha=config.mixup_alpha,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,19 +76,64 @@ class TrainingAudio:
     unknown_label: int
     silence_label: int
     background: np.ndarray  # float32 [noise samples], may be empty
+    label_count: int  # classes of the model (length of the one-hot targets)
 
 
 def _to_float(audio_int16: tf.Tensor) -> tf.Tensor:
     return tf.cast(audio_int16, tf.float32) / 32768.0
 
 
-def augment(audio: tf.Tensor, labels: tf.Tensor, background: tf.Tensor, settings: AugmentSettings) -> tf.Tensor:
-    """Time shift, silence and background noise for a batch [batch, samples]."""
+def _seed(seed: tf.Tensor, role: int) -> tf.Tensor:
+    return tf.random.experimental.stateless_fold_in(seed, role)
+
+
+def _uniform(shape, seed: tf.Tensor, role: int, low: float, high: float) -> tf.Tensor:
+    return tf.random.stateless_uniform(shape, _seed(seed, role), low, high)
+
+
+def change_speed(audio: tf.Tensor, factors: tf.Tensor) -> tf.Tensor:
+    """Each clip of [batch, samples] played `factor` times faster: its
+    duration divided and its pitch multiplied by the factor, centred on the
+    clip's middle, zeros where a slowed clip reads past its ends.
+
+    Linear interpolation: a factor above 1 folds content above 8 kHz / factor
+    back to above 8 kHz·(2 - factor) (6.8 kHz at 1.15), where speech has
+    little energy and above the Mfcc op's 4 kHz upper edge.
+    """
+    samples = tf.shape(audio)[1]
+    centre = tf.cast(samples - 1, tf.float32) / 2
+    positions = centre + (tf.range(samples, dtype=tf.float32)[None, :] - centre) * factors[:, None]
+    lower = tf.floor(positions)
+    fraction = positions - lower
+    lower = tf.cast(lower, tf.int32)
+    padded = tf.pad(audio, [[0, 0], [1, 1]])  # index 0 and samples + 1 are the zeros outside the clip
+
+    def at(index):
+        return tf.gather(padded, tf.clip_by_value(index + 1, 0, samples + 1), batch_dims=1)
+
+    return at(lower) * (1.0 - fraction) + at(lower + 1) * fraction
+
+
+def _noise_scale_for_snr(audio: tf.Tensor, noise: tf.Tensor, snr_db: tf.Tensor) -> tf.Tensor:
+    """Per clip, the factor that puts `noise` `snr_db` below the clip's mean power."""
+    speech_power = tf.reduce_mean(tf.square(audio), axis=1)
+    noise_power = tf.reduce_mean(tf.square(noise), axis=1)
+    return tf.sqrt(tf.math.divide_no_nan(speech_power, noise_power * tf.pow(10.0, snr_db / 10.0)))
+
+
+def augment(
+    audio: tf.Tensor, labels: tf.Tensor, background: tf.Tensor, settings: AugmentSettings, seed: tf.Tensor
+) -> tf.Tensor:
+    """Speed, time shift, silence, background noise and gain for a batch
+    [batch, samples]; `seed` ([2] integers) decides every random draw."""
     batch = tf.shape(audio)[0]
     samples = tf.shape(audio)[1]
+    if settings.speed_perturbation > 0:
+        change = settings.speed_perturbation
+        audio = change_speed(audio, 1.0 + _uniform([batch], seed, _SPEED, -change, change))
     shift = settings.time_shift_samples
     if shift > 0:
-        offsets = tf.random.uniform([batch], -shift, shift + 1, dtype=tf.int32)
+        offsets = tf.random.stateless_uniform([batch], _seed(seed, _SHIFT), -shift, shift + 1, dtype=tf.int32)
         padded = tf.pad(audio, [[0, 0], [shift, shift]])
         # A positive offset delays the word (zeros in front), as in the recipe.
         positions = (shift - offsets)[:, None] + tf.range(samples)[None, :]
@@ -56,14 +142,98 @@ def augment(audio: tf.Tensor, labels: tf.Tensor, background: tf.Tensor, settings
     audio = tf.where(is_silence[:, None], tf.zeros_like(audio), audio)
     noise_length = tf.shape(background)[0]
     if background.shape[0] is None or background.shape[0] > 0:
-        starts = tf.random.uniform([batch], 0, tf.maximum(noise_length - samples, 1), dtype=tf.int32)
+        starts = tf.random.stateless_uniform(
+            [batch], _seed(seed, _NOISE_START), 0, tf.maximum(noise_length - samples, 1), dtype=tf.int32
+        )
         noise = tf.gather(background, starts[:, None] + tf.range(samples)[None, :])
-        with_noise = tf.random.uniform([batch]) < settings.background_frequency
-        volume = tf.where(with_noise, tf.random.uniform([batch], 0.0, settings.background_volume), 0.0)
+        with_noise = _uniform([batch], seed, _NOISE_ON, 0.0, 1.0) < settings.background_frequency
+        if settings.background_snr_db:
+            low, high = settings.background_snr_db
+            volume = _noise_scale_for_snr(audio, noise, _uniform([batch], seed, _NOISE_LEVEL, low, high))
+        else:
+            volume = _uniform([batch], seed, _NOISE_LEVEL, 0.0, settings.background_volume)
+        volume = tf.where(with_noise, volume, 0.0)
         # Silence clips are pure noise at any volume, so the model learns quiet rooms too.
-        volume = tf.where(is_silence, tf.random.uniform([batch], 0.0, 1.0), volume)
+        volume = tf.where(is_silence, _uniform([batch], seed, _SILENCE_LEVEL, 0.0, 1.0), volume)
         audio = audio + volume[:, None] * noise
+    if settings.gain_db > 0:
+        gain_db = _uniform([batch], seed, _GAIN, -settings.gain_db, settings.gain_db)
+        audio = audio * tf.pow(10.0, gain_db / 20.0)[:, None]
     return tf.clip_by_value(audio, -1.0, 1.0)
+
+
+def _mask_ranges(batch, length, count: int, max_width: int, seed: tf.Tensor) -> tf.Tensor:
+    """[batch, length] booleans: `count` bands per row, each of a width drawn
+    from 0..max_width and placed uniformly inside the row."""
+    width_seed, start_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    widths = tf.random.stateless_uniform([batch, count], width_seed, 0, max_width + 1, dtype=tf.int32)
+    widths = tf.minimum(widths, length)
+    room = tf.cast(length - widths + 1, tf.float32)
+    starts = tf.cast(tf.floor(tf.random.stateless_uniform([batch, count], start_seed) * room), tf.int32)
+    positions = tf.range(length)[None, None, :]
+    inside = (positions >= starts[..., None]) & (positions < (starts + widths)[..., None])
+    return tf.reduce_any(inside, axis=1)
+
+
+def spec_augment(features: tf.Tensor, settings: AugmentSettings, seed: tf.Tensor) -> tf.Tensor:
+    """SpecAugment's time and frequency masks (Park et al. 2019) on features
+    [batch, frames, bins, 1]. A masked cell takes its clip's mean over time of
+    the same bin: what zero is after SpecAugment's per-utterance mean
+    normalisation, where a literal 0 would be out of range for raw MFCC or log-mel."""
+    shape = tf.shape(features)
+    batch, frames, bins = shape[0], shape[1], shape[2]
+    masked = tf.zeros([batch, frames, bins], tf.bool)
+    if settings.spec_time_masks > 0 and settings.spec_time_mask_frames > 0:
+        in_time = _mask_ranges(batch, frames, settings.spec_time_masks, settings.spec_time_mask_frames,
+                               _seed(seed, _TIME_MASKS))
+        masked = masked | in_time[:, :, None]
+    if settings.spec_freq_masks > 0 and settings.spec_freq_mask_bins > 0:
+        in_bins = _mask_ranges(batch, bins, settings.spec_freq_masks, settings.spec_freq_mask_bins,
+                               _seed(seed, _FREQ_MASKS))
+        masked = masked | in_bins[:, None, :]
+    mean_frame = tf.reduce_mean(features, axis=1, keepdims=True)
+    return tf.where(masked[..., None], mean_frame, features)
+
+
+def mixup(features: tf.Tensor, targets: tf.Tensor, alpha: float, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Mixup (Zhang et al. 2018) within the batch: each row becomes
+    w·itself + (1 - w)·a random partner row, features and targets alike,
+    with w ~ Beta(alpha, alpha) per row."""
+    batch = tf.shape(features)[0]
+    first, second, order = tf.unstack(tf.random.experimental.stateless_split(_seed(seed, _MIXUP), 3))
+    gamma_first = tf.random.stateless_gamma([batch], first, alpha)
+    gamma_second = tf.random.stateless_gamma([batch], second, alpha)
+    total = gamma_first + gamma_second
+    weight = tf.where(total > 0, gamma_first / tf.where(total > 0, total, 1.0), 1.0)  # Beta(alpha, alpha)
+    partner = tf.argsort(tf.random.stateless_uniform([batch], order))
+    mixed_targets = weight[:, None] * targets + (1.0 - weight[:, None]) * tf.gather(targets, partner)
+    row_weight = tf.reshape(weight, [-1, 1, 1, 1])
+    mixed_features = row_weight * features + (1.0 - row_weight) * tf.gather(features, partner)
+    return mixed_features, mixed_targets
+
+
+def augmented_batch(
+    audio: tf.Tensor,
+    labels: tf.Tensor,
+    background: tf.Tensor,
+    feature_settings: FeatureSettings,
+    settings: AugmentSettings,
+    label_count: int,
+    seed: tf.Tensor,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """One training batch from float audio [batch, samples] and integer labels:
+    (features [batch, frames, bins, 1], probability targets [batch, label_count])."""
+    audio = augment(audio, labels, background, settings, seed)
+    warp = None
+    if settings.pitch_perturbation > 0:
+        change = settings.pitch_perturbation
+        warp = 1.0 + _uniform([tf.shape(audio)[0]], seed, _WARP, -change, change)
+    features = compute_features(audio, feature_settings, frequency_warp=warp)
+    features = spec_augment(features, settings, seed)
+    targets = tf.one_hot(labels, label_count, dtype=tf.float32)
+    if settings.mixup_alpha > 0:
+        features, targets = mixup(features, targets, settings.mixup_alpha, seed)
+    return features, targets
 
 
 def training_dataset(
@@ -75,7 +245,9 @@ def training_dataset(
     unknown_percentage: float,
     seed: int,
 ) -> tf.data.Dataset:
-    """An endless dataset of (features [batch, time, features, 1], labels [batch])."""
+    """An endless dataset of (features [batch, time, features, 1], targets
+    [batch, label_count]): one-hot, or mixed by mixup. The same seed gives
+    the same batches."""
     all_audio = np.concatenate(
         [data.wanted_audio, data.unknown_audio, np.zeros((1, data.wanted_audio.shape[1]), np.int16)]
     )
@@ -103,14 +275,17 @@ def training_dataset(
     label_table = tf.constant(all_labels)
     background = tf.constant(data.background.astype(np.float32))
 
-    def make_batch(batch_indices):
+    def make_batch(batch_number, batch_indices):
         labels = tf.gather(label_table, batch_indices)
         audio = _to_float(tf.gather(audio_table, batch_indices))
-        audio = augment(audio, labels, background, augment_settings)
-        return compute_features(audio, feature_settings), labels
+        batch_seed = tf.stack([tf.constant(seed, tf.int64), batch_number])
+        return augmented_batch(
+            audio, labels, background, feature_settings, augment_settings, data.label_count, batch_seed
+        )
 
     return (
         indices.batch(batch_size, drop_remainder=True)
+        .enumerate()
         .map(make_batch, num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )

@@ -127,6 +127,7 @@ def prepare_data(
         unknown_label=index.label_index(data.UNKNOWN_LABEL),
         silence_label=index.label_index(data.SILENCE_LABEL),
         background=background,
+        label_count=len(index.labels),
     )
     evaluation = {}
     for number, split in enumerate(data.SPLITS):
@@ -219,19 +220,11 @@ def learning_rate_at(step: int, config: Config) -> float:
 def training_pipeline(config: Config, settings: FeatureSettings, audio: pipeline.TrainingAudio) -> tf.data.Dataset:
     """The augmenting, endless training dataset for this configuration: batches
     of (features, targets float32 [batch, labels]), targets being probability vectors."""
-    augment_settings = pipeline.AugmentSettings(
-        time_shift_samples=int(settings.sample_rate * config.time_shift_ms / 1000),
-        background_volume=config.background_volume,
-        background_frequency=config.background_frequency,
-        silence_label=audio.silence_label,
-    )
-    dataset = pipeline.training_dataset(
+    augment_settings = pipeline.augment_settings_from_config(config, settings, audio.silence_label)
+    return pipeline.training_dataset(
         audio, settings, augment_settings, config.batch_size,
         config.silence_percentage, config.unknown_percentage, config.random_seed,
     )
-    # Integer labels to one-hot targets, until the pipeline yields targets itself.
-    label_count = len(data.labels_for(config.wanted_words))
-    return dataset.map(lambda features, labels: (features, tf.one_hot(labels, label_count)))
 
 
 def make_train_step(model, optimizer, global_step: tf.Variable, check_nans: bool, label_smoothing: float = 0.0):

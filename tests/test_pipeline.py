@@ -17,6 +17,7 @@ from speechclas.pipeline import (
     AugmentSettings,
     TrainingAudio,
     augment,
+    augment_settings_from_config,
     evaluation_dataset,
     training_dataset,
 )
@@ -29,6 +30,7 @@ SILENCE, UNKNOWN = 0, 1
 WANTED_CLIPS = {2: "yes", 3: "no", 4: "up"}
 UNKNOWN_CLIP = "bed"
 NUM_LABELS = 5
+SEED = tf.constant([7, 0], tf.int64)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +65,7 @@ def training_audio(demo_audio, background):
         unknown_label=UNKNOWN,
         silence_label=SILENCE,
         background=background,
+        label_count=NUM_LABELS,
     )
 
 
@@ -79,8 +82,15 @@ NO_AUGMENTATION = recipe_augmentation(time_shift_ms=0.0, background_volume=0.0, 
 
 
 def first_batches(dataset, count):
+    """Features and integer labels of the first batches; a training
+    dataset's one-hot targets (no mixup here) are turned back into labels."""
     features, labels = zip(*[(f.numpy(), lab.numpy()) for f, lab in dataset.take(count)], strict=False)
-    return np.concatenate(features), np.concatenate(labels)
+    features, labels = np.concatenate(features), np.concatenate(labels)
+    if labels.ndim == 2:
+        assert labels.dtype == np.float32 and set(np.unique(labels)) <= {0.0, 1.0}
+        np.testing.assert_array_equal(labels.sum(axis=1), 1.0)
+        labels = labels.argmax(axis=1).astype(np.int32)
+    return features, labels
 
 
 def to_float(audio_int16):
@@ -107,6 +117,7 @@ def rows_equal_to_clean(features, labels, clean_features):
 def test_training_batches_have_the_model_shape_and_labels_in_range(demo_audio, background, settings):
     dataset = training_dataset(training_audio(demo_audio, background), settings, recipe_augmentation(), 16, 10, 10, 1)
     assert dataset.element_spec[0].shape.as_list() == [16, 98, 40, 1]
+    assert dataset.element_spec[1].shape.as_list() == [16, NUM_LABELS] and dataset.element_spec[1].dtype == tf.float32
     features, labels = first_batches(dataset, 4)
     assert features.shape == (64, 98, 40, 1) and features.dtype == np.float32
     assert labels.dtype == np.int32 and labels.min() >= 0 and labels.max() < NUM_LABELS
@@ -163,13 +174,13 @@ def test_augment_empties_the_foreground_of_silence_rows():
     settings = recipe_augmentation(time_shift_ms=0.0, background_volume=0.5, background_frequency=1.0)
     silent_room = tf.zeros([RATE], tf.float32)
     for background in (silent_room, tf.zeros([0], tf.float32)):
-        out = augment(audio, labels, background, settings).numpy()
+        out = augment(audio, labels, background, settings, SEED).numpy()
         is_silence = labels.numpy() == SILENCE
         assert not out[is_silence].any()
         np.testing.assert_array_equal(out[~is_silence], audio.numpy()[~is_silence])
     # With real noise, silence rows hold noise only: never louder than the noise itself.
     noise = tf.constant(rng.uniform(-0.05, 0.05, RATE).astype(np.float32))
-    out = augment(audio, labels, noise, settings).numpy()
+    out = augment(audio, labels, noise, settings, SEED).numpy()
     assert np.abs(out[is_silence]).max() <= 0.05
     assert np.abs(out[~is_silence]).max() > 0.4
 
@@ -178,7 +189,7 @@ def test_augment_keeps_audio_in_range():
     loud = tf.fill([4, 1600], 0.99)
     noise = tf.ones([RATE], tf.float32)
     settings = recipe_augmentation(time_shift_ms=0.0, background_volume=1.0, background_frequency=1.0)
-    out = augment(loud, tf.constant([2, 3, 4, 2], tf.int32), noise, settings).numpy()
+    out = augment(loud, tf.constant([2, 3, 4, 2], tf.int32), noise, settings, SEED).numpy()
     assert out.max() <= 1.0 and out.min() >= 0.99
 
 
@@ -204,6 +215,7 @@ def test_label_mix_follows_the_percentages(silence_percentage, unknown_percentag
         unknown_label=UNKNOWN,
         silence_label=SILENCE,
         background=np.zeros(0, np.float32),
+        label_count=NUM_LABELS,
     )
     dataset = training_dataset(
         audio, short, recipe_augmentation(time_shift_ms=10.0), 100, silence_percentage, unknown_percentage, 5
@@ -225,12 +237,7 @@ def test_pipeline_end_to_end_on_the_demo_dataset(tmp_path):
     assert len(prepared.training.unknown_audio) > 0
     assert len(prepared.training.background) >= settings.desired_samples
 
-    augmentation = AugmentSettings(
-        time_shift_samples=int(RATE * config.time_shift_ms / 1000),
-        background_volume=config.background_volume,
-        background_frequency=config.background_frequency,
-        silence_label=prepared.training.silence_label,
-    )
+    augmentation = augment_settings_from_config(config, settings, prepared.training.silence_label)
     dataset = training_dataset(
         prepared.training, settings, augmentation, config.batch_size,
         config.silence_percentage, config.unknown_percentage, config.random_seed,
