@@ -141,7 +141,7 @@ def build_ds_cnn(input_shape, label_count: int, dropout_rate: float) -> keras.Mo
         x = layers.Conv2D(filters, (1, 1), use_bias=False, name=f"pw{block}")(x)
         x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"pw{block}_bn")(x)
         x = layers.ReLU()(x)
-    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.GlobalAveragePooling2D(name="time_pool")(x)
     outputs = layers.Dense(label_count, name="logits")(x)
     return keras.Model(inputs, outputs, name="ds_cnn")
 

@@ -434,3 +434,65 @@ def test_the_api_refuses_a_recording_above_the_detect_duration(run, three_keywor
     with pytest.raises(AudioError, match=r"the longest accepted is 5 s \(operator setting SPEECHCLAS_DETECT_MAX_AUDIO_SECONDS\)"):
         detect.detect_request(detect.ScorerCache(), run.root.parent, file=three_keywords[0], run=run.name,
                               limits=Limits.defaults().replace(detect_max_audio_seconds=5.0))  # fmt: skip
+
+
+# --- the shared trunk -----------------------------------------------------------------
+
+
+def toy_feature_settings():
+    from speechclas.config import load_config
+    from speechclas.features import settings_from_config
+
+    return settings_from_config(load_config({"data_dir": str(DEMO_DATA)}))
+
+
+def toy_model(shape, padding: str, per_clip_normalisation: bool = False):
+    """Two time-strided convolutions (stride 4 in all), a global mean named time_pool, a linear head."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=shape)
+    x = inputs
+    if per_clip_normalisation:
+        x = layers.Lambda(lambda t: t - keras.ops.mean(t, axis=1, keepdims=True))(x)
+    x = layers.Conv2D(6, (5, 3), strides=(2, 2), padding=padding, activation="relu")(x)
+    x = layers.DepthwiseConv2D((3, 3), strides=(2, 1), padding=padding, activation="relu")(x)
+    x = layers.GlobalAveragePooling2D(name="time_pool")(x)
+    outputs = layers.Dense(5)(x)
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(0)
+    model.set_weights([rng.normal(0, 0.3, w.shape).astype(np.float32) for w in model.get_weights()])
+    return model
+
+
+@pytest.mark.parametrize("hop_strides", [2, 3, 4])
+def test_the_shared_trunk_equals_scoring_each_window_without_padding(monkeypatch, hop_strides):
+    """With 'valid' convolutions a window's columns are the stream's columns: the two paths agree
+    for hops that are a multiple of the trunk's stride (4), or not (one trunk pass per phase),
+    over several trunk chunks."""
+    monkeypatch.setattr(detect, "SHARED_TRUNK_CHUNK_FRAMES", 60)
+    fs = toy_feature_settings()
+    scorer = detect.keras_scorer(toy_model(fs.input_shape, "valid"), fs, [f"w{i}" for i in range(5)])
+    assert isinstance(scorer, detect.SharedTrunkScorer) and scorer.time_stride == 4
+    stream = background(6.0) + np.random.default_rng(1).normal(0, 0.1, 6 * RATE).astype(np.float32)
+    settings = DetectSettings(hop_ms=10.0 * hop_strides)
+    times, probabilities = detect.stream_scores(scorer, [stream], settings)
+    reference_times, reference = detect.stream_scores(scorer.per_window(), [stream], settings)
+    np.testing.assert_array_equal(times, reference_times)
+    assert len(times) == 1 + (6 * RATE - fs.desired_samples) // (hop_strides * fs.window_stride_samples)
+    np.testing.assert_allclose(probabilities, reference, rtol=0, atol=1e-5)
+
+
+def test_the_shared_trunk_is_the_default_only_where_it_holds():
+    """ds_cnn (a time_pool layer) gets the shared trunk, tiny_conv (a flattened window) and a
+    trunk that normalises over the whole window get the per-window path."""
+    from speechclas.architectures import build_model
+
+    fs = toy_feature_settings()
+    labels = [f"w{i}" for i in range(5)]
+    ds_cnn = detect.keras_scorer(build_model("ds_cnn", fs.input_shape, 5, 0.0), fs, labels)
+    assert isinstance(ds_cnn, detect.SharedTrunkScorer) and ds_cnn.time_stride == 4
+    tiny_conv = detect.keras_scorer(build_model("tiny_conv", fs.input_shape, 5, 0.0), fs, labels)
+    assert type(tiny_conv) is detect.FeatureScorer
+    normalised = detect.keras_scorer(toy_model(fs.input_shape, "same", per_clip_normalisation=True), fs, labels)
+    assert type(normalised) is detect.FeatureScorer
