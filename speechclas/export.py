@@ -303,8 +303,10 @@ def describe_tflite(path: Path) -> dict:
     }
 
 
-def describe_saved_model(path: Path) -> dict:
-    """Each signature's inputs and outputs as the loaded SavedModel reports them."""
+def describe_saved_model(path: Path, settings: FeatureSettings) -> dict:
+    """Each signature's inputs and outputs as the loaded SavedModel reports them; with the
+    shared-trunk signatures, `shared_trunk`: the trunk's time stride (frames per column)
+    and the columns of one window, as `stream_columns` answers them."""
     loaded = tf.saved_model.load(str(path))
     signatures = {}
     for name, function in loaded.signatures.items():
@@ -313,7 +315,13 @@ def describe_saved_model(path: Path) -> dict:
             "inputs": [_tf_tensor(key, spec) for key, spec in sorted(inputs.items())],
             "outputs": [_tf_tensor(key, spec) for key, spec in sorted(function.structured_outputs.items())],
         }
-    return {"signatures": signatures}
+    description = {"signatures": signatures}
+    if STREAM_COLUMNS_SIGNATURE in loaded.signatures:
+        frames, width, _ = settings.input_shape
+        probe = loaded.signatures[STREAM_COLUMNS_SIGNATURE](frames=tf.zeros([1, frames, width]))
+        description["shared_trunk"] = {"time_stride": int(probe["time_stride"]),
+                                       "window_columns": int(probe["columns"].shape[1])}  # fmt: skip
+    return description
 
 
 def describe_frozen_graph(path: Path) -> dict:
@@ -350,7 +358,7 @@ def describe_exports(run: RunDir, settings: FeatureSettings) -> dict:
                 "file": run.saved_model_dir.name,
                 "format": "saved_model",
                 "answers": "probabilities",
-                **describe_saved_model(run.saved_model_dir),
+                **describe_saved_model(run.saved_model_dir, settings),
             },
             run.frozen_graph_path.name: {
                 "file": run.frozen_graph_path.name,

@@ -155,7 +155,7 @@ def test_old_exports_without_the_features_signature_score_each_windows_audio_ali
     audio_scorer = detect.AudioScorer(run.labels(), scorer.feature_settings,
                                       tf.saved_model.load(str(run.saved_model_dir)).signatures[AUDIO_SIGNATURE])  # fmt: skip
     stream, _ = keyword_stream(held_out_keywords(run)[:3], seed=2)
-    times, probabilities = detect.stream_scores(scorer, [stream], settings)
+    times, probabilities = detect.stream_scores(scorer.per_window(), [stream], settings)
     old_times, old_probabilities = detect.stream_scores(audio_scorer, [stream], settings)
     np.testing.assert_array_equal(times, old_times)
     np.testing.assert_allclose(probabilities, old_probabilities, atol=1e-4)
@@ -201,7 +201,10 @@ def test_noise_alone_gives_few_detections(scorer, settings):
     assert len(detections) <= 2, detections
 
 
-def test_blocks_give_exactly_the_detections_of_the_whole(run, scorer, settings):
+@pytest.mark.parametrize("chunk_frames", [None, 300], ids=["default", "trunk-chunks-of-3s"])
+def test_blocks_give_exactly_the_detections_of_the_whole(run, scorer, settings, monkeypatch, chunk_frames):
+    if chunk_frames is not None:  # the shared trunk's chunks end inside the stream, and inside blocks
+        monkeypatch.setattr(detect, "SHARED_TRUNK_CHUNK_FRAMES", chunk_frames)
     stream, spoken = keyword_stream(held_out_keywords(run)[:8], seed=5)
     whole = detect.stream_scores(scorer, [stream], settings)
     cuts = np.sort(np.random.default_rng(5).choice(len(stream), 40, replace=False))
@@ -496,3 +499,20 @@ def test_the_shared_trunk_is_the_default_only_where_it_holds():
     assert type(tiny_conv) is detect.FeatureScorer
     normalised = detect.keras_scorer(toy_model(fs.input_shape, "same", per_clip_normalisation=True), fs, labels)
     assert type(normalised) is detect.FeatureScorer
+
+
+def test_the_shared_trunk_of_the_trained_run_detects_what_each_window_detects(run, scorer, settings):
+    """With 'same' padding the columns at a window's edges see the neighbouring frames instead of
+    zeros: the probabilities differ a little, the detections hardly (figures in detect.py)."""
+    assert isinstance(scorer, detect.SharedTrunkScorer)
+    stream, spoken = keyword_stream(held_out_keywords(run), seed=3)
+    fast = detect.stream_scores(scorer, [stream], settings)
+    slow = detect.stream_scores(scorer.per_window(), [stream], settings)
+    np.testing.assert_array_equal(fast[0], slow[0])
+    difference = np.abs(fast[1] - slow[1]).max(axis=1)
+    found_fast = detect.detect(*fast, scorer.labels, settings)
+    found_slow = detect.detect(*slow, scorer.labels, settings)
+    same = [d for d in found_fast if any(d.label == e.label and abs(d.end_s - e.end_s) <= 0.1 for e in found_slow)]
+    assert np.median(difference) <= 0.05, np.quantile(difference, [0.5, 0.99, 1.0])
+    assert len(same) >= 0.8 * max(len(found_fast), len(found_slow)), (found_fast, found_slow)
+    assert abs(len(matched(found_fast, spoken)) - len(matched(found_slow, spoken))) <= 0.1 * len(spoken)
