@@ -500,7 +500,9 @@ class _SharedTrunkWindows:
     def add(self, new: np.ndarray) -> None:
         self.frames = np.concatenate([self.frames, new])
         self.total += len(new)
-        while self.total >= (self.chunk + 1) * self.chunk_frames + self.model.window_frames + self.margin + self.model.time_stride:
+        # A chunk's passes reach a window, a margin and a phase (< the stride) past its window starts.
+        reach = self.model.window_frames + self.margin + self.model.time_stride
+        while self.total >= (self.chunk + 1) * self.chunk_frames + reach:
             self._score_chunk()
 
     def finish(self) -> None:
