@@ -151,12 +151,17 @@ def split_at_time_pool(model: keras.Model, settings: FeatureSettings) -> TimePoo
     except ValueError:
         return None
     frames, width, channels = settings.input_shape
-    window_trunk = keras.Model(model.inputs, time_pool.input)
-    trunk = keras.models.clone_model(window_trunk, input_tensors=[keras.Input((None, width, channels))],
-                                     clone_function=lambda layer: layer)  # fmt: skip
-    head = keras.Model(time_pool.output, model.output)
-    columns = [int(trunk([np.zeros((1, length, width, channels), np.float32)]).shape[1])
-               for length in (frames, frames + 5040)]  # fmt: skip
+    try:
+        window_trunk = keras.Model(model.inputs, time_pool.input)
+        trunk = keras.models.clone_model(window_trunk, input_tensors=[keras.Input((None, width, channels))],
+                                         clone_function=lambda layer: layer)  # fmt: skip
+        head = keras.Model(time_pool.output, model.output)
+        columns = [int(trunk([np.zeros((1, length, width, channels), np.float32)]).shape[1])
+                   for length in (frames, frames + 5040)]  # fmt: skip
+    except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:  # a layer bound to the window's length
+        logger.warning("%s's trunk does not take a stream of any length (%s): no shared-trunk signatures",
+                       model.name, error)  # fmt: skip
+        return None
     if columns[1] == columns[0] or 5040 % (columns[1] - columns[0]):
         logger.warning("Cannot measure the time stride of %s's trunk (%s columns): no shared-trunk signatures",
                        model.name, columns)  # fmt: skip

@@ -500,6 +500,16 @@ def test_the_shared_trunk_is_the_default_only_where_it_holds():
     normalised = detect.keras_scorer(toy_model(fs.input_shape, "same", per_clip_normalisation=True), fs, labels)
     assert type(normalised) is detect.FeatureScorer
 
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=fs.input_shape)  # a trunk bound to the window's length (a fixed reshape)
+    x = layers.Reshape(fs.input_shape[:2])(inputs)
+    x = layers.Conv1D(8, 3, padding="same")(x)
+    outputs = layers.Dense(5)(layers.GlobalAveragePooling1D(name="time_pool")(x))
+    fixed = detect.keras_scorer(keras.Model(inputs, outputs), fs, labels)
+    assert type(fixed) is detect.FeatureScorer
+
 
 def test_the_shared_trunk_of_the_trained_run_detects_what_each_window_detects(run, scorer, settings):
     """With 'same' padding the columns at a window's edges see the neighbouring frames instead of
