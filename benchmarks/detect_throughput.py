@@ -3,10 +3,14 @@
     python benchmarks/detect_throughput.py                    # trains ds_cnn and the quick start's model briefly
     python benchmarks/detect_throughput.py --minutes 5        # a shorter file while developing
     python benchmarks/detect_throughput.py --run ds_cnn=models/2025-01-01_120000
+    python benchmarks/detect_throughput.py --recipe ds_cnn --recipe tiny_conv --recipe quickstart \
+        --recipe "bcr=model_architecture=bc_resnet model_width=1.5"
 
 For each model: the wall time of `speechclas.detect.detect_audio` (what
 ``speechclas-detect`` and ``mode=detect`` run: decoding in blocks, features
-once per block, windows batched through the model, smoothing) on a generated
+once per block, for a network with a ``time_pool`` layer its trunk once over the
+stream and each window the mean of its columns, else windows batched through the
+model; smoothing) on a generated
 recording of `--minutes`, as the real-time factor RTF = wall time / audio
 time, and the windows scored per second. Then the naive way, one
 `Predictor.probabilities` call per hop window (features computed again for
@@ -47,6 +51,17 @@ def quickstart_overrides() -> dict[str, str]:
     if match is None:
         raise SystemExit(f"no QUICKSTART_TRAIN default found in {QUICKSTART}")
     return dict(word.split("=", 1) for word in shlex.split(match.group(1)))
+
+
+def recipe_overrides(recipe: str) -> tuple[str, dict[str, str]]:
+    """(name, overrides) of a ``--recipe``: ``quickstart`` (scripts/quickstart.sh's training), an
+    architecture's name, or ``NAME=key=value key=value...`` (config.yaml's names)."""
+    name, _, words = recipe.partition("=")
+    if words:
+        return name, dict(word.split("=", 1) for word in shlex.split(words))
+    if name == "quickstart":
+        return name, quickstart_overrides()
+    return name, {"model_architecture": name}
 
 
 def train_brief(overrides: dict[str, str], models_dir: Path) -> Path:
@@ -90,7 +105,7 @@ def write_long_recording(path: Path, seconds: float, seed: int = 0) -> None:
 def time_detection(run_root: Path, recording: Path, hop_ms: float | None) -> dict:
     """Loading the run's scorer, then detect_audio over the recording."""
     from speechclas.audio import AudioLimits
-    from speechclas.detect import DetectSettings, detect_audio, load_scorer
+    from speechclas.detect import DetectSettings, SharedTrunkScorer, detect_audio, load_scorer
     from speechclas.limits import Limits
     from speechclas.predict import feature_sizes
     from speechclas.rundir import RunDir
@@ -107,7 +122,8 @@ def time_detection(run_root: Path, recording: Path, hop_ms: float | None) -> dic
     hop_s = settings.hop_ms / 1000
     windows = int((result["duration_s"] - scorer.window_samples / scorer.sample_rate) / hop_s) + 1
     return {"load_s": load_s, "wall_s": wall_s, "audio_s": result["duration_s"], "windows": windows,
-            "detections": len(result["detections"]), "hop_ms": settings.hop_ms}  # fmt: skip
+            "detections": len(result["detections"]), "hop_ms": settings.hop_ms,
+            "path": "shared trunk" if isinstance(scorer, SharedTrunkScorer) else "per window"}  # fmt: skip
 
 
 def time_naive(run_root: Path, recording: Path, seconds: float, hop_ms: float) -> dict:
@@ -137,7 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hop-ms", type=float, default=None, help="default: the models' default hop (2 strides)")
     parser.add_argument("--run", action="append", default=[], metavar="NAME=RUN_DIR",
                         help="time this finished run instead of training (repeatable)")
+    parser.add_argument("--recipe", action="append", default=[], metavar="RECIPE",
+                        help="train this briefly and time it (repeatable): quickstart, an architecture's name, or "
+                             "'NAME=key=value key=value' (default: ds_cnn and quickstart)")
     args = parser.parse_args(argv)
+    load_at_start = os.getloadavg()[0]
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -147,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         for item in args.run:
             name, _, path = item.partition("=")
             runs[name] = Path(path)
+        for recipe in args.recipe:
+            name, overrides = recipe_overrides(recipe)
+            runs[name] = train_brief(overrides, folder / "models" / name)
         if not runs:
             quickstart = quickstart_overrides()
             runs["ds_cnn"] = train_brief({"model_architecture": "ds_cnn"}, folder / "models")
@@ -168,14 +191,16 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((name, fast, naive))
             print(f"{name}: {fast}\n  naive: {naive}", flush=True)
 
-    print(f"\nCPU cores: {os.cpu_count()}, load average before the last run: {os.getloadavg()[0]:.1f}")
-    print("| model | hop | audio | wall time | RTF | windows/s | naive RTF (extrapolated) | naive windows/s | speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\nCPU cores: {os.cpu_count()}, load average (1 min) at the start: {load_at_start:.1f}, "
+          f"at the end: {os.getloadavg()[0]:.1f}")
+    print("| model | path | hop | audio | wall time | RTF | windows/s | naive RTF (extrapolated) | naive windows/s "
+          "| speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, fast, naive in rows:
         rtf = fast["wall_s"] / fast["audio_s"]
         naive_rate = naive["windows"] / naive["wall_s"]
         naive_rtf = fast["windows"] / naive_rate / fast["audio_s"]  # the same windows, at the naive rate
-        print(f"| {name} | {fast['hop_ms']:g} ms | {fast['audio_s'] / 60:.1f} min | {fast['wall_s']:.1f} s | "
+        print(f"| {name} | {fast['path']} | {fast['hop_ms']:g} ms | {fast['audio_s'] / 60:.1f} min | {fast['wall_s']:.1f} s | "
               f"{rtf:.4f} | {fast['windows'] / fast['wall_s']:.0f} | {naive_rtf:.3f} | {naive_rate:.0f} | "
               f"{naive_rtf / rtf:.1f}x |")
     return 0

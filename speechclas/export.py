@@ -47,6 +47,11 @@ AUDIO_SIGNATURE = "audio"
 FEATURES_SIGNATURE = "features"
 # Detection in long audio (speechclas.detect): features of a stream once, then windows of them.
 STREAM_FEATURES_SIGNATURE = "stream_features"
+# Detection's shared trunk, for a network whose output is head(mean over time of trunk(features)):
+# the trunk's output columns of a whole stream once, then the head on each window's mean column.
+TIME_POOL_LAYER = "time_pool"
+STREAM_COLUMNS_SIGNATURE = "stream_columns"
+POOLED_SIGNATURE = "pooled"
 MODEL_JSON_FORMAT = 1
 
 
@@ -69,6 +74,15 @@ class InferenceModule(tf.Module):
         self.stream_features = tf.function(
             self._stream_features, input_signature=[tf.TensorSpec([None], tf.float32, name="samples")]
         )
+        self.split = split_at_time_pool(model, settings)
+        if self.split is not None:
+            width = settings.input_shape[1]
+            self.stream_columns = tf.function(
+                self._stream_columns, input_signature=[tf.TensorSpec([None, None, width], tf.float32, name="frames")]
+            )
+            self.pooled = tf.function(
+                self._pooled, input_signature=[tf.TensorSpec([None, self.split.width], tf.float32, name="pooled")]
+            )
 
     def _probabilities(self, audio: tf.Tensor) -> tf.Tensor:
         return self._from_features(compute_features(audio, self.settings))[SOFTMAX_OUTPUT]
@@ -89,6 +103,21 @@ class InferenceModule(tf.Module):
         """
         return {"frames": compute_features(samples[None, :], self.settings)[0, :, :, 0]}
 
+    def _stream_columns(self, frames):
+        """[pieces, frames, bins] feature frames to the trunk's output columns [pieces, columns, width],
+        each reduced by time_pool on its own, and the trunk's time stride (frames per column)."""
+        trunk = self.split.trunk([frames[..., None]], training=False)
+        shape = tf.shape(trunk)
+        # Each column alone through time_pool: a mean over time of a one-column piece is the column.
+        alone = tf.reshape(trunk, tf.concat([[shape[0] * shape[1], 1], shape[2:]], axis=0))
+        columns = self.split.time_pool(alone)
+        return {"columns": tf.reshape(columns, [shape[0], shape[1], self.split.width]),
+                "time_stride": tf.constant(self.split.time_stride, tf.int32)}  # fmt: skip
+
+    def _pooled(self, pooled):
+        """time_pool's output (a window's mean column) [batch, width] to probabilities."""
+        return {SOFTMAX_OUTPUT: tf.nn.softmax(self.split.head(pooled, training=False), name=SOFTMAX_OUTPUT)}
+
     def _from_wav(self, wav_data):
         """One 16-bit PCM wav file's bytes to probabilities [1, labels].
 
@@ -105,20 +134,63 @@ class InferenceModule(tf.Module):
         return tf.reshape(tf.pad(samples, [[missing // 2, missing - missing // 2]]), [length])
 
 
+@dataclasses.dataclass(frozen=True)
+class TimePoolSplit:
+    """A network cut at its `time_pool` layer: trunk (taking any number of frames), time_pool, head."""
+
+    trunk: keras.Model
+    time_pool: keras.layers.Layer
+    head: keras.Model
+    time_stride: int  # input frames per trunk output column
+    width: int  # time_pool's output size
+
+
+def split_at_time_pool(model: keras.Model, settings: FeatureSettings) -> TimePoolSplit | None:
+    """The network cut at its layer named `time_pool` (a mean over time, maybe over other axes
+    too, of the trunk's output); None without one.
+
+    The trunk is re-applied to an input of any length (its layers are shared, not copied).
+    Its time stride is measured: the columns that 5040 more frames add (5040 is a
+    multiple of every stride up to 10, and of 16).
+    """
+    try:
+        time_pool = model.get_layer(TIME_POOL_LAYER)
+    except ValueError:
+        return None
+    frames, width, channels = settings.input_shape
+    try:
+        window_trunk = keras.Model(model.inputs, time_pool.input)
+        trunk = keras.models.clone_model(window_trunk, input_tensors=[keras.Input((None, width, channels))],
+                                         clone_function=lambda layer: layer)  # fmt: skip
+        head = keras.Model(time_pool.output, model.output)
+        columns = [int(trunk([np.zeros((1, length, width, channels), np.float32)]).shape[1])
+                   for length in (frames, frames + 5040)]  # fmt: skip
+    except (ValueError, TypeError, tf.errors.InvalidArgumentError) as error:  # a layer bound to the window's length
+        logger.warning("%s's trunk does not take a stream of any length (%s): no shared-trunk signatures",
+                       model.name, error)  # fmt: skip
+        return None
+    if columns[1] == columns[0] or 5040 % (columns[1] - columns[0]):
+        logger.warning("Cannot measure the time stride of %s's trunk (%s columns): no shared-trunk signatures",
+                       model.name, columns)  # fmt: skip
+        return None
+    return TimePoolSplit(trunk, time_pool, head, 5040 // (columns[1] - columns[0]), int(time_pool.output.shape[-1]))
+
+
 def export_saved_model(module: InferenceModule, out_dir: Path) -> None:
     """SavedModel for TF Serving: serving_default takes wav bytes, `audio` float samples,
     `features` what compute_features makes; `stream_features` and `features` split the two
-    for detection in long audio."""
-    tf.saved_model.save(
-        module,
-        str(out_dir),
-        signatures={
-            "serving_default": module.from_wav.get_concrete_function(),
-            AUDIO_SIGNATURE: module.from_audio.get_concrete_function(),
-            STREAM_FEATURES_SIGNATURE: module.stream_features.get_concrete_function(),
-            FEATURES_SIGNATURE: module.from_features.get_concrete_function(),
-        },
-    )
+    for detection in long audio, and for a network with a `time_pool` layer, `stream_columns`
+    and `pooled` split `features` in two (detection's shared trunk)."""
+    signatures = {
+        "serving_default": module.from_wav.get_concrete_function(),
+        AUDIO_SIGNATURE: module.from_audio.get_concrete_function(),
+        STREAM_FEATURES_SIGNATURE: module.stream_features.get_concrete_function(),
+        FEATURES_SIGNATURE: module.from_features.get_concrete_function(),
+    }
+    if module.split is not None:
+        signatures[STREAM_COLUMNS_SIGNATURE] = module.stream_columns.get_concrete_function()
+        signatures[POOLED_SIGNATURE] = module.pooled.get_concrete_function()
+    tf.saved_model.save(module, str(out_dir), signatures=signatures)
 
 
 def frozen_graph_def(module: InferenceModule) -> tf.compat.v1.GraphDef:
@@ -246,8 +318,10 @@ def describe_tflite(path: Path) -> dict:
     }
 
 
-def describe_saved_model(path: Path) -> dict:
-    """Each signature's inputs and outputs as the loaded SavedModel reports them."""
+def describe_saved_model(path: Path, settings: FeatureSettings) -> dict:
+    """Each signature's inputs and outputs as the loaded SavedModel reports them; with the
+    shared-trunk signatures, `shared_trunk`: the trunk's time stride (frames per column)
+    and the columns of one window, as `stream_columns` answers them."""
     loaded = tf.saved_model.load(str(path))
     signatures = {}
     for name, function in loaded.signatures.items():
@@ -256,7 +330,13 @@ def describe_saved_model(path: Path) -> dict:
             "inputs": [_tf_tensor(key, spec) for key, spec in sorted(inputs.items())],
             "outputs": [_tf_tensor(key, spec) for key, spec in sorted(function.structured_outputs.items())],
         }
-    return {"signatures": signatures}
+    description = {"signatures": signatures}
+    if STREAM_COLUMNS_SIGNATURE in loaded.signatures:
+        frames, width, _ = settings.input_shape
+        probe = loaded.signatures[STREAM_COLUMNS_SIGNATURE](frames=tf.zeros([1, frames, width]))
+        description["shared_trunk"] = {"time_stride": int(probe["time_stride"]),
+                                       "window_columns": int(probe["columns"].shape[1])}  # fmt: skip
+    return description
 
 
 def describe_frozen_graph(path: Path) -> dict:
@@ -303,7 +383,7 @@ def describe_exports(run: RunDir, settings: FeatureSettings, feature_normalizati
                 "file": run.saved_model_dir.name,
                 "format": "saved_model",
                 "answers": "probabilities",
-                **describe_saved_model(run.saved_model_dir),
+                **describe_saved_model(run.saved_model_dir, settings),
             },
             run.frozen_graph_path.name: {
                 "file": run.frozen_graph_path.name,

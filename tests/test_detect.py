@@ -155,7 +155,7 @@ def test_old_exports_without_the_features_signature_score_each_windows_audio_ali
     audio_scorer = detect.AudioScorer(run.labels(), scorer.feature_settings,
                                       tf.saved_model.load(str(run.saved_model_dir)).signatures[AUDIO_SIGNATURE])  # fmt: skip
     stream, _ = keyword_stream(held_out_keywords(run)[:3], seed=2)
-    times, probabilities = detect.stream_scores(scorer, [stream], settings)
+    times, probabilities = detect.stream_scores(scorer.per_window(), [stream], settings)
     old_times, old_probabilities = detect.stream_scores(audio_scorer, [stream], settings)
     np.testing.assert_array_equal(times, old_times)
     np.testing.assert_allclose(probabilities, old_probabilities, atol=1e-4)
@@ -201,7 +201,10 @@ def test_noise_alone_gives_few_detections(scorer, settings):
     assert len(detections) <= 2, detections
 
 
-def test_blocks_give_exactly_the_detections_of_the_whole(run, scorer, settings):
+@pytest.mark.parametrize("chunk_frames", [None, 300], ids=["default", "trunk-chunks-of-3s"])
+def test_blocks_give_exactly_the_detections_of_the_whole(run, scorer, settings, monkeypatch, chunk_frames):
+    if chunk_frames is not None:  # the shared trunk's chunks end inside the stream, and inside blocks
+        monkeypatch.setattr(detect, "SHARED_TRUNK_CHUNK_FRAMES", chunk_frames)
     stream, spoken = keyword_stream(held_out_keywords(run)[:8], seed=5)
     whole = detect.stream_scores(scorer, [stream], settings)
     cuts = np.sort(np.random.default_rng(5).choice(len(stream), 40, replace=False))
@@ -434,3 +437,92 @@ def test_the_api_refuses_a_recording_above_the_detect_duration(run, three_keywor
     with pytest.raises(AudioError, match=r"the longest accepted is 5 s \(operator setting SPEECHCLAS_DETECT_MAX_AUDIO_SECONDS\)"):
         detect.detect_request(detect.ScorerCache(), run.root.parent, file=three_keywords[0], run=run.name,
                               limits=Limits.defaults().replace(detect_max_audio_seconds=5.0))  # fmt: skip
+
+
+# --- the shared trunk -----------------------------------------------------------------
+
+
+def toy_feature_settings():
+    from speechclas.config import load_config
+    from speechclas.features import settings_from_config
+
+    return settings_from_config(load_config({"data_dir": str(DEMO_DATA)}))
+
+
+def toy_model(shape, padding: str, per_clip_normalisation: bool = False):
+    """Two time-strided convolutions (stride 4 in all), a global mean named time_pool, a linear head."""
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=shape)
+    x = inputs
+    if per_clip_normalisation:
+        x = layers.Lambda(lambda t: t - keras.ops.mean(t, axis=1, keepdims=True))(x)
+    x = layers.Conv2D(6, (5, 3), strides=(2, 2), padding=padding, activation="relu")(x)
+    x = layers.DepthwiseConv2D((3, 3), strides=(2, 1), padding=padding, activation="relu")(x)
+    x = layers.GlobalAveragePooling2D(name="time_pool")(x)
+    outputs = layers.Dense(5)(x)
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(0)
+    model.set_weights([rng.normal(0, 0.3, w.shape).astype(np.float32) for w in model.get_weights()])
+    return model
+
+
+@pytest.mark.parametrize("hop_strides", [2, 3, 4])
+def test_the_shared_trunk_equals_scoring_each_window_without_padding(monkeypatch, hop_strides):
+    """With 'valid' convolutions a window's columns are the stream's columns: the two paths agree
+    for hops that are a multiple of the trunk's stride (4), or not (one trunk pass per phase),
+    over several trunk chunks."""
+    monkeypatch.setattr(detect, "SHARED_TRUNK_CHUNK_FRAMES", 60)
+    fs = toy_feature_settings()
+    scorer = detect.keras_scorer(toy_model(fs.input_shape, "valid"), fs, [f"w{i}" for i in range(5)])
+    assert isinstance(scorer, detect.SharedTrunkScorer) and scorer.time_stride == 4
+    stream = background(6.0) + np.random.default_rng(1).normal(0, 0.1, 6 * RATE).astype(np.float32)
+    settings = DetectSettings(hop_ms=10.0 * hop_strides)
+    times, probabilities = detect.stream_scores(scorer, [stream], settings)
+    reference_times, reference = detect.stream_scores(scorer.per_window(), [stream], settings)
+    np.testing.assert_array_equal(times, reference_times)
+    assert len(times) == 1 + (6 * RATE - fs.desired_samples) // (hop_strides * fs.window_stride_samples)
+    np.testing.assert_allclose(probabilities, reference, rtol=0, atol=1e-5)
+
+
+def test_the_shared_trunk_is_the_default_only_where_it_holds():
+    """ds_cnn (a time_pool layer) gets the shared trunk, tiny_conv (a flattened window) and a
+    trunk that normalises over the whole window get the per-window path."""
+    from speechclas.architectures import build_model
+
+    fs = toy_feature_settings()
+    labels = [f"w{i}" for i in range(5)]
+    ds_cnn = detect.keras_scorer(build_model("ds_cnn", fs.input_shape, 5, 0.0), fs, labels)
+    assert isinstance(ds_cnn, detect.SharedTrunkScorer) and ds_cnn.time_stride == 4
+    tiny_conv = detect.keras_scorer(build_model("tiny_conv", fs.input_shape, 5, 0.0), fs, labels)
+    assert type(tiny_conv) is detect.FeatureScorer
+    normalised = detect.keras_scorer(toy_model(fs.input_shape, "same", per_clip_normalisation=True), fs, labels)
+    assert type(normalised) is detect.FeatureScorer
+
+    import keras
+    from keras import layers
+
+    inputs = keras.Input(shape=fs.input_shape)  # a trunk bound to the window's length (a fixed reshape)
+    x = layers.Reshape(fs.input_shape[:2])(inputs)
+    x = layers.Conv1D(8, 3, padding="same")(x)
+    outputs = layers.Dense(5)(layers.GlobalAveragePooling1D(name="time_pool")(x))
+    fixed = detect.keras_scorer(keras.Model(inputs, outputs), fs, labels)
+    assert type(fixed) is detect.FeatureScorer
+
+
+def test_the_shared_trunk_of_the_trained_run_detects_what_each_window_detects(run, scorer, settings):
+    """With 'same' padding the columns at a window's edges see the neighbouring frames instead of
+    zeros: the probabilities differ a little, the detections hardly (figures in detect.py)."""
+    assert isinstance(scorer, detect.SharedTrunkScorer)
+    stream, spoken = keyword_stream(held_out_keywords(run), seed=3)
+    fast = detect.stream_scores(scorer, [stream], settings)
+    slow = detect.stream_scores(scorer.per_window(), [stream], settings)
+    np.testing.assert_array_equal(fast[0], slow[0])
+    difference = np.abs(fast[1] - slow[1]).max(axis=1)
+    found_fast = detect.detect(*fast, scorer.labels, settings)
+    found_slow = detect.detect(*slow, scorer.labels, settings)
+    same = [d for d in found_fast if any(d.label == e.label and abs(d.end_s - e.end_s) <= 0.1 for e in found_slow)]
+    assert np.median(difference) <= 0.05, np.quantile(difference, [0.5, 0.99, 1.0])
+    assert len(same) >= 0.8 * max(len(found_fast), len(found_slow)), (found_fast, found_slow)
+    assert abs(len(matched(found_fast, spoken)) - len(matched(found_slow, spoken))) <= 0.1 * len(spoken)

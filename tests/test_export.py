@@ -87,7 +87,10 @@ def test_micro_trains_and_every_export_is_described(micro_run):
     assert description["exports"]["model.tflite"]["takes"] == "features"
     assert description["exports"]["model.tflite"]["inputs"][0]["dtype"] == "float32"
     signatures = description["exports"]["saved_model"]["signatures"]
-    assert set(signatures) == {"serving_default", "audio", "features", "stream_features"}
+    # ds_cnn has a time_pool layer: detection's shared trunk has its two signatures.
+    assert set(signatures) == {"serving_default", "audio", "features", "stream_features", "stream_columns", "pooled"}
+    assert signatures["stream_columns"]["inputs"] == [{"name": "frames", "shape": [None, None, 40], "dtype": "float32"}]
+    assert description["exports"]["saved_model"]["shared_trunk"] == {"time_stride": 4, "window_columns": 13}
     assert signatures["audio"]["inputs"] == [{"name": "audio", "shape": [None, 16000], "dtype": "float32"}]
 
 

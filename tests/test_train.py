@@ -94,6 +94,16 @@ def test_architecture_trains_two_steps_and_exports_agree(name, toy_data, tmp_pat
     features = compute_features(tf.constant(samples[None, :]), settings).numpy()
     np.testing.assert_allclose(export.run_tflite(run.int8_tflite_path, features), reference, atol=0.05)
 
+    # Detection's shared trunk (a time_pool layer): the head on the mean of a window's columns is the model.
+    has_time_pool = any(layer.name == export.TIME_POOL_LAYER for layer in restore_model(run, config).layers)
+    assert has_time_pool or name != "ds_cnn"
+    assert (export.STREAM_COLUMNS_SIGNATURE in saved.signatures) == has_time_pool
+    if has_time_pool:
+        columns = saved.signatures[export.STREAM_COLUMNS_SIGNATURE](frames=features[:, :, :, 0])["columns"]
+        pooled = tf.reduce_mean(columns, axis=1)
+        from_columns = saved.signatures[export.POOLED_SIGNATURE](pooled=pooled)["labels_softmax"].numpy()[0]
+        np.testing.assert_allclose(from_columns, reference, atol=1e-4)
+
 
 def test_frozen_graph_has_the_label_wav_tensor_names(toy_data, tmp_path):
     result = train(toy_config(toy_data, tmp_path, model_architecture="tiny_conv"), progress=False)
