@@ -230,15 +230,18 @@ def to_pcm16(audio):
     return np.round(np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16)
 
 
-def make_clip(word, speaker, path, seed, full_clip, sample_rate=SAMPLE_RATE, clip_samples=CLIP_SAMPLES):
+def make_clip(word, speaker, path, seed, full_clip, sample_rate=SAMPLE_RATE, clip_samples=CLIP_SAMPLES, synth=None):
     """Synthesize `word` as `speaker` and write one 1 s clip to `path`.
 
     Each clip has its own random generator, seeded from the dataset seed, the
     speaker and the word, so the result does not depend on worker scheduling.
-    Returns the length of the spoken word in seconds (before any cut to 1 s).
+    `synth(word, speaker)` (default: espeak-ng's `synthesize`) lets another
+    engine's voices go through the same post-processing; `speaker` then needs
+    only an `id` and a `level_db`. Returns the length of the spoken word in
+    seconds (before any cut to 1 s).
     """
     rng = random.Random(f"{seed}:{speaker.id}:{word}")
-    audio, rate = synthesize(word, speaker)
+    audio, rate = (synth or synthesize)(word, speaker)
     audio = soxr.resample(audio, rate, sample_rate, quality="HQ").astype(np.float32)
     audio = trim_silence(audio, sample_rate)
     word_seconds = len(audio) / sample_rate

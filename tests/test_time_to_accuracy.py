@@ -7,6 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 
@@ -126,4 +127,84 @@ def test_heldout_families_hold_every_word_of_new_voices_and_are_reused(tmp_path,
         assert clip.read_bytes() != original.read_bytes(), clip
     with caplog.at_level(logging.INFO, logger="time_to_accuracy"):
         assert tta.build_heldout_families(tmp_path, sizes, jobs=1) == families
+    assert "Reusing" in caplog.text and "Building" not in caplog.text
+
+
+def test_overall_is_the_mean_over_all_families_and_other_engines_over_flite_and_festival():
+    balanced = {"other-languages": 0.9, "klatt": 1.0, "channel": 0.8, "flite": 0.4, "festival": 0.2}
+    assert tta.summary(balanced) == {"overall": pytest.approx(0.66), "other_engines": pytest.approx(0.3)}
+    assert tta.summary({"klatt": 1.0, "channel": 0.5}) == {"overall": 0.75, "other_engines": None}
+    row = {"recipe": "r", "architecture": "ds_cnn", "budget_min": 5, "steps": 10, "train_s": 1.0, "parameters": 1000,
+           "latency_ms": 1.0, "validation_accuracy": 0.99, "balanced_accuracy": balanced, **tta.summary(balanced)}
+    header, _, line = tta.markdown_table([row], list(balanced)).splitlines()
+    assert header.split(" | ")[-2:] == ["held-out overall", "other engines |"]
+    assert line.split(" | ")[-2:] == ["0.660", "**0.300** |"]
+
+
+def test_engine_speakers_are_distinct_reproducible_and_cover_every_voice():
+    speakers = tta.choose_engine_speakers("flite", tta.FLITE_VOICES, 12, seed=7)
+    assert speakers == tta.choose_engine_speakers("flite", tta.FLITE_VOICES, 12, seed=7)
+    assert len({s.id for s in speakers}) == 12
+    assert {s.voice for s in speakers} == set(tta.FLITE_VOICES)
+    for speaker in speakers:
+        assert tta.STRETCH_RANGE[0] <= speaker.stretch <= tta.STRETCH_RANGE[1]
+        if not tta.FLITE_VOICES[speaker.voice]:
+            assert speaker.pitch == 1.0  # a pitch the voice ignores would make two ids of one voice
+
+
+ENGINES_MISSING = shutil.which("flite") is None or shutil.which("text2wave") is None
+
+
+@pytest.mark.skipif(ENGINES_MISSING, reason="needs flite and festival")
+@pytest.mark.parametrize("engine, voice", [("flite", "kal16"), ("flite", "slt"), ("festival", "kal_diphone"),
+                                           ("festival", "cmu_us_slt_arctic_hts")])
+def test_engine_speakers_stretch_and_pitch_change_the_voice(engine, voice):
+    def say(stretch, pitch):
+        audio, _ = tta.synthesize_with_engine("seven", tta.EngineSpeaker(engine, voice, stretch, pitch, -6.0))
+        return audio
+
+    slow, fast = say(1.25, 1.0), say(0.8, 1.0)
+    assert len(slow) > 1.2 * len(fast)
+    if {"flite": tta.FLITE_VOICES, "festival": tta.FESTIVAL_VOICES}[engine][voice]:
+        _, rate = tta.synthesize_with_engine("seven", tta.EngineSpeaker(engine, voice, 1.0, 1.0, -6.0))
+        low, high = _f0(say(1.0, 0.8), rate), _f0(say(1.0, 1.25), rate)
+        assert 1.25 < high / low < 2.0, (low, high)  # 1.56 asked for
+
+
+def _f0(audio, rate):
+    """Median autocorrelation pitch (60-400 Hz) of the loud 40 ms frames."""
+    frame = int(0.04 * rate)
+    frames = audio[: len(audio) // frame * frame].reshape(-1, frame)
+    loud = frames[np.sqrt((frames**2).mean(axis=1)) > 0.3 * np.sqrt((frames**2).mean(axis=1)).max()]
+    low, high = rate // 400, rate // 60
+    pitches = []
+    for chunk in loud:
+        chunk = chunk - chunk.mean()
+        correlation = np.correlate(chunk, chunk, "full")[frame - 1 :]
+        pitches.append(rate / (low + np.argmax(correlation[low:high])))
+    return float(np.median(pitches))
+
+
+@pytest.mark.skipif(ENGINES_MISSING, reason="needs flite and festival")
+def test_engine_families_hold_every_word_of_each_speaker_and_are_reused(tmp_path, caplog):
+    sizes = tta.DataSizes(training_speakers=2, heldout_speakers=2, words="yes,no", engine_speakers=2)
+    families = tta.build_heldout_families(tmp_path, sizes, jobs=1, families=tta.ENGINE_FAMILIES)
+    assert set(families) == {"flite", "festival"}
+    for family, folder in families.items():
+        clips = sorted(folder.glob("*/*.wav"))
+        assert {c.parent.name for c in clips} == {"yes", "no"}, family
+        assert len(clips) == 4 and len(tta.speaker_ids(folder)) == 2, family
+        for clip in clips:
+            info = sf.info(clip)
+            assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16"), clip
+            assert 1600 <= info.frames <= 16000, clip
+            audio, _ = sf.read(clip)
+            assert 0.02 < abs(audio).max() < 0.9 and abs(audio[:50]).max() < 0.01, clip  # levelled, silent lead
+        voices = {s.voice for s in tta.choose_engine_speakers(family, {"flite": tta.FLITE_VOICES,
+                                                                       "festival": tta.FESTIVAL_VOICES}[family], 2,
+                                                             tta.FAMILY_SEEDS[family])}
+        readme = (folder / "README.md").read_text()
+        assert len(voices) == 2 and all(f"| {v} |" in readme for v in voices), family
+    with caplog.at_level(logging.INFO, logger="time_to_accuracy"):
+        assert tta.build_heldout_families(tmp_path, sizes, jobs=1, families=tta.ENGINE_FAMILIES) == families
     assert "Reusing" in caplog.text and "Building" not in caplog.text
