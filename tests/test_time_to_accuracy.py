@@ -106,8 +106,9 @@ def test_family_clips_label_other_words_unknown(tmp_path):
 @pytest.mark.skipif(shutil.which("espeak-ng") is None or shutil.which("sox") is None, reason="needs espeak-ng and sox")
 def test_heldout_families_hold_every_word_of_new_voices_and_are_reused(tmp_path, caplog):
     sizes = tta.DataSizes(training_speakers=2, heldout_speakers=2, words="yes,no")
-    families = tta.build_heldout_families(tmp_path, sizes, jobs=1)
-    assert set(families) == {"other-languages", "klatt", "channel"}
+    espeak = ("other-languages", "klatt", "channel")
+    families = tta.build_heldout_families(tmp_path, sizes, jobs=1, families=espeak)
+    assert set(families) == set(espeak)
     for family, folder in families.items():
         clips = sorted(folder.glob("*/*.wav"))
         assert {c.parent.name for c in clips} == {"yes", "no"}, family
@@ -126,7 +127,7 @@ def test_heldout_families_hold_every_word_of_new_voices_and_are_reused(tmp_path,
         original = clean / clip.relative_to(families["channel"])
         assert clip.read_bytes() != original.read_bytes(), clip
     with caplog.at_level(logging.INFO, logger="time_to_accuracy"):
-        assert tta.build_heldout_families(tmp_path, sizes, jobs=1) == families
+        assert tta.build_heldout_families(tmp_path, sizes, jobs=1, families=espeak) == families
     assert "Reusing" in caplog.text and "Building" not in caplog.text
 
 
@@ -208,3 +209,25 @@ def test_engine_families_hold_every_word_of_each_speaker_and_are_reused(tmp_path
     with caplog.at_level(logging.INFO, logger="time_to_accuracy"):
         assert tta.build_heldout_families(tmp_path, sizes, jobs=1, families=tta.ENGINE_FAMILIES) == families
     assert "Reusing" in caplog.text and "Building" not in caplog.text
+
+
+def test_score_run_scores_a_finished_run_on_every_family_with_its_own_words(trained_run, tmp_path):
+    demo = ROOT / "data" / "demo"
+    families = {}
+    for family, words in (("klatt", ("yes", "cat")), ("flite", ("no", "house"))):
+        for word in words:
+            (tmp_path / family / word).mkdir(parents=True)
+            for clip in sorted((demo / word).glob("*.wav"))[:3]:
+                shutil.copy(clip, tmp_path / family / word / clip.name)
+        families[family] = tmp_path / family
+    scores = tta.score_run(trained_run.root, families)
+    assert scores["clips"] == {"klatt": 6, "flite": 6}
+    wanted = [label for label in trained_run.labels() if not label.startswith("_")]
+    from speechclas.predict import Predictor
+
+    predictor = Predictor.load(trained_run)
+    for family, folder in families.items():
+        expected = tta.score_family(predictor, tta.family_clips(folder, wanted), wanted)["balanced_accuracy"]
+        assert scores["balanced_accuracy"][family] == pytest.approx(expected, abs=1e-4)
+    assert scores["overall"] == pytest.approx(sum(scores["balanced_accuracy"].values()) / 2, abs=1e-4)
+    assert scores["other_engines"] == scores["balanced_accuracy"]["flite"]
