@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import shlex
 import sys
 import tempfile
@@ -35,22 +34,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from quickstart_recipe import quickstart_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_DATA = REPO / "data" / "demo"
-QUICKSTART = REPO / "scripts" / "quickstart.sh"
 SAMPLE_RATE = 16000
 BRIEF_STEPS = "30"  # enough to export a working model; speed does not depend on accuracy
 # Overrides that change how well a model is trained, not what it computes per window.
 TRAINING_ONLY = {"how_many_training_steps", "learning_rate", "eval_step_interval", "batch_size"}
-
-
-def quickstart_overrides() -> dict[str, str]:
-    """The default ``QUICKSTART_TRAIN`` of scripts/quickstart.sh as overrides (key=value words)."""
-    match = re.search(r'QUICKSTART_TRAIN="\$\{QUICKSTART_TRAIN-([^}]*)\}"', QUICKSTART.read_text())
-    if match is None:
-        raise SystemExit(f"no QUICKSTART_TRAIN default found in {QUICKSTART}")
-    return dict(word.split("=", 1) for word in shlex.split(match.group(1)))
 
 
 def recipe_overrides(recipe: str) -> tuple[str, dict[str, str]]:

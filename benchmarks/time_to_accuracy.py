@@ -54,6 +54,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from quickstart_recipe import quickstart_text
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 logger = logging.getLogger("time_to_accuracy")
@@ -64,10 +66,22 @@ MAKE_DATA = SCRIPTS / "make_demo_data.py"
 APT_INSTALL = ROOT / "scripts" / "apt_install.sh"
 
 # Named recipes: config overrides as `speechclas-train` takes them. The steps are
-# scaled to each budget; everything else is used as given.
+# scaled to each budget (or kept, with the budget `given`); everything else is used as given.
+# `unseen_voices` is the recipe chosen on the other engines' families: log-mel with
+# dataset normalisation, the augmentations, a warm-up + cosine schedule and label smoothing.
+UNSEEN_VOICES = (
+    "model_architecture=tc_resnet8 preprocess=logmel feature_normalization=dataset "
+    "speed_perturbation=0.1 pitch_perturbation=0.1 background_snr_db=5,20 gain_db=6 "
+    "spec_time_masks=2 spec_time_mask_ms=100 spec_freq_masks=2 spec_freq_mask_bins=5 "
+    "learning_rate_schedule=cosine warmup_steps=100 label_smoothing=0.1 "
+    "how_many_training_steps=1400,100 learning_rate=0.003,0.00003"
+)
 RECIPES = {
     "round1": "model_architecture=ds_cnn how_many_training_steps=1000,300 learning_rate=0.001,0.0001",
+    "unseen_voices": UNSEEN_VOICES,
+    "quickstart": quickstart_text(),
 }
+GIVEN = "given"  # the budget that trains a recipe with its own steps
 KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 UNKNOWN = "_unknown_"
 KLATT_VARIANTS = ("klatt", "klatt2", "klatt3", "klatt4", "klatt5")
@@ -565,21 +579,23 @@ def calibrate(config, base_dir: Path, steps: int) -> Calibration:
     return calibration
 
 
-def run_one(recipe: str, overrides: Mapping[str, str], budget_min: float, calibration: Calibration,
+def run_one(recipe: str, overrides: Mapping[str, str], budget_min: float | None, calibration: Calibration | None,
             families: Mapping[str, Path], base_dir: Path) -> dict | None:
-    """Train `overrides` for `budget_min` minutes, then score it on every family."""
+    """Train `overrides` for `budget_min` minutes (None: the recipe's own steps), then
+    score it on every family."""
     from speechclas.config import load_config
     from speechclas.predict import Predictor
 
     config = load_config(overrides)
-    steps = steps_for_budget(budget_min * 60, calibration, config.eval_step_interval)
-    if steps < len(config.how_many_training_steps):
-        logger.warning("%s/%s: a %.3g min budget holds no training (fixed cost %.0f s), skipped", recipe,
-                       config.model_architecture, budget_min, calibration.fixed_s)
-        return None
-    config = config.replace(how_many_training_steps=scale_stages(config.how_many_training_steps, steps))
-    logger.info("%s/%s, %.3g min: %s steps", recipe, config.model_architecture, budget_min,
-                ",".join(map(str, config.how_many_training_steps)))
+    if budget_min is not None:
+        steps = steps_for_budget(budget_min * 60, calibration, config.eval_step_interval)
+        if steps < len(config.how_many_training_steps):
+            logger.warning("%s/%s: a %.3g min budget holds no training (fixed cost %.0f s), skipped", recipe,
+                           config.model_architecture, budget_min, calibration.fixed_s)
+            return None
+        config = config.replace(how_many_training_steps=scale_stages(config.how_many_training_steps, steps))
+    logger.info("%s/%s, %s min: %s steps", recipe, config.model_architecture,
+                GIVEN if budget_min is None else f"{budget_min:.3g}", ",".join(map(str, config.how_many_training_steps)))
     result, train_s, _ = timed_training(config, base_dir)
     predictor = Predictor.load(result.run)
     scores = score_predictor(predictor, families, config.wanted_words)
@@ -603,7 +619,7 @@ def markdown_table(rows: Sequence[dict], families: Sequence[str]) -> str:
               "espeak validation", *families, "held-out overall", "other engines"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["recipe"], row["architecture"], f"{row['budget_min']:g}", str(row["steps"]),
+        cells = [row["recipe"], row["architecture"], GIVEN if row["budget_min"] is None else f"{row['budget_min']:g}", str(row["steps"]),
                  f"{row['train_s']:.0f}", f"{row['parameters']:,}", f"{row['latency_ms']:.2f}",
                  f"{row['validation_accuracy']:.3f}", *(f"{row['balanced_accuracy'][f]:.3f}" for f in families),
                  f"{row['overall']:.3f}", _bold(row["other_engines"])]
@@ -640,7 +656,8 @@ def parse_args(argv=None):
     parser.add_argument("--architectures", default="",
                         help="comma-separated architectures, each trained with every recipe "
                              "(default: each recipe's own model_architecture)")
-    parser.add_argument("--budgets", default="5,10", help="comma-separated wall budgets in minutes")
+    parser.add_argument("--budgets", default="5,10",
+                        help=f"comma-separated wall budgets in minutes; '{GIVEN}' trains with the recipe's own steps")
     parser.add_argument("--training-speakers", type=int, default=120, help="speakers of the training set")
     parser.add_argument("--heldout-speakers", type=int, default=12,
                         help="speakers per held-out family (each says the 30 words once)")
@@ -663,7 +680,7 @@ def parse_args(argv=None):
         args.engine_speakers = 2
         if args.budgets == parser.get_default("budgets"):
             args.budgets = "1.5"
-    args.budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    args.budgets = [None if b.strip() == GIVEN else float(b) for b in args.budgets.split(",") if b.strip()]
     unknown = [name for name in args.recipes.split(",") if name and name not in RECIPES]
     if unknown:
         parser.error(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
@@ -712,7 +729,8 @@ def main(argv=None) -> None:
         except ConfigError as exc:
             logger.warning("recipe %s: %s, skipped", name, exc)
             continue
-        calibration = calibrate(config, work_dir, args.calibration_steps)
+        needs_calibration = any(budget is not None for budget in args.budgets)
+        calibration = calibrate(config, work_dir, args.calibration_steps) if needs_calibration else None
         for budget in args.budgets:
             row = run_one(name, overrides, budget, calibration, families, work_dir)
             if row is None:

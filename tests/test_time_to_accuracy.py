@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load_benchmark():
+    # As `python benchmarks/time_to_accuracy.py` runs it: its folder first on the path, for quickstart_recipe.
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("time_to_accuracy", ROOT / "benchmarks" / "time_to_accuracy.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up by name
@@ -231,3 +234,17 @@ def test_score_run_scores_a_finished_run_on_every_family_with_its_own_words(trai
         assert scores["balanced_accuracy"][family] == pytest.approx(expected, abs=1e-4)
     assert scores["overall"] == pytest.approx(sum(scores["balanced_accuracy"].values()) / 2, abs=1e-4)
     assert scores["other_engines"] == scores["balanced_accuracy"]["flite"]
+
+
+def test_the_quickstart_recipe_is_the_scripts_own_string_and_a_known_recipe():
+    from quickstart_recipe import quickstart_overrides, quickstart_text
+
+    text = quickstart_text()
+    assert tta.RECIPES["quickstart"] == text
+    overrides, skipped = tta.parse_recipe(text, load_param_specs())
+    assert skipped == [] and overrides == quickstart_overrides()
+
+
+def test_the_given_budget_keeps_the_recipes_steps():
+    args = tta.parse_args(["--budgets", "given,5"])
+    assert args.budgets == [None, 5.0]
