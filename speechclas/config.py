@@ -303,13 +303,15 @@ def check_label_names(words: Sequence[str]) -> None:
 
 # Rules of one parameter beyond its type, choices and range.
 _VALUE_RULES: dict[str, Callable[[Any], None]] = {"wanted_words": check_label_names}
+# Lists that may be given empty: no SNR range keeps the recipe's background_volume rule.
+_MAY_BE_EMPTY = {"background_snr_db"}
 
 
 def coerce_value(spec: ParamSpec, value: Any) -> Any:
     """Convert a raw value (YAML, JSON or a CLI/form string) and validate it.
 
-    Lists may come as lists or as comma-separated strings ("1000,300"); a
-    list may be empty only where its default is.
+    Lists may come as lists or as comma-separated strings ("1000,300"); only
+    those in _MAY_BE_EMPTY may be empty.
     """
     if spec.type.startswith("list["):
         item_kind = spec.type[5:-1]
@@ -319,7 +321,7 @@ def coerce_value(spec: ParamSpec, value: Any) -> Any:
             items = list(value)
         else:
             raise ConfigError(f"parameter {spec.name!r} must be a list, got {value!r}")
-        if not items and spec.default != []:
+        if not items and spec.name not in _MAY_BE_EMPTY:
             raise ConfigError(f"parameter {spec.name!r} must not be empty")
         result = tuple(_coerce_scalar(spec, item_kind, item) for item in items)
         for item in result:
@@ -349,8 +351,6 @@ def _check_consistency(values: Mapping[str, Any]) -> None:
     snr = values["background_snr_db"]
     if snr and (len(snr) != 2 or snr[0] > snr[1]):
         raise ConfigError(f"parameter 'background_snr_db' must be empty or 'low,high' with low <= high, got {snr}")
-    if values["pitch_perturbation"] > 0 and values["preprocess"] == "micro":
-        raise ConfigError("parameter 'pitch_perturbation' warps the spectrogram, which preprocess=micro does not expose")
     if values["validation_percentage"] + values["testing_percentage"] >= 100:
         raise ConfigError(
             "parameters 'validation_percentage' + 'testing_percentage' must leave speakers for training"

@@ -14,6 +14,7 @@ compute features, so validation and test inputs never change.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import tensorflow as tf
@@ -26,6 +27,8 @@ _SPEED, _SHIFT, _NOISE_START, _NOISE_ON, _NOISE_LEVEL, _SILENCE_LEVEL, _GAIN, _W
     range(11)
 )
 
+
+logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class AugmentSettings:
@@ -48,14 +51,21 @@ class AugmentSettings:
 
 
 def augment_settings_from_config(config, feature_settings: FeatureSettings, silence_label: int) -> AugmentSettings:
-    """The augmentation of a configuration, in samples and frames."""
+    """The augmentation of a configuration, in samples and frames. The pitch
+    perturbation warps the spectrogram, which preprocess=micro computes inside
+    its own op: it is left out there (with a warning), as the other augmentations are not."""
+    pitch_perturbation = config.pitch_perturbation
+    if pitch_perturbation > 0 and feature_settings.preprocess == "micro":
+        logger.warning("pitch_perturbation %.2g is not applied: preprocess=micro exposes no spectrogram to warp",
+                       pitch_perturbation)
+        pitch_perturbation = 0.0
     return AugmentSettings(
         time_shift_samples=int(feature_settings.sample_rate * config.time_shift_ms / 1000),
         background_volume=config.background_volume,
         background_frequency=config.background_frequency,
         silence_label=silence_label,
         speed_perturbation=config.speed_perturbation,
-        pitch_perturbation=config.pitch_perturbation,
+        pitch_perturbation=pitch_perturbation,
         background_snr_db=tuple(config.background_snr_db) if config.background_snr_db else None,
         gain_db=config.gain_db,
         spec_time_masks=config.spec_time_masks,
