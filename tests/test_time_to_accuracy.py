@@ -30,6 +30,18 @@ def _load_benchmark():
 tta = _load_benchmark()
 
 
+def assert_two_words_of_two_speakers(family: str, folder: Path) -> list[Path]:
+    """A family built for yes,no by 2 speakers: 4 clips of 16 kHz mono PCM16, at most 1 s; answers them."""
+    clips = sorted(folder.glob("*/*.wav"))
+    assert {c.parent.name for c in clips} == {"yes", "no"}, family
+    assert len(clips) == 4 and len(tta.speaker_ids(folder)) == 2, family
+    for clip in clips:
+        info = sf.info(clip)
+        assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16"), clip
+        assert 1600 <= info.frames <= 16000, clip
+    return clips
+
+
 def test_steps_fill_the_budget_and_one_more_would_not_fit():
     calibration = tta.Calibration(fixed_s=60.0, step_s=0.3, eval_s=5.0)
     for budget_s, interval in ((300.0, 400), (600.0, 100), (61.0, 400)):
@@ -113,13 +125,7 @@ def test_heldout_families_hold_every_word_of_new_voices_and_are_reused(tmp_path,
     families = tta.build_heldout_families(tmp_path, sizes, jobs=1, families=espeak)
     assert set(families) == set(espeak)
     for family, folder in families.items():
-        clips = sorted(folder.glob("*/*.wav"))
-        assert {c.parent.name for c in clips} == {"yes", "no"}, family
-        assert len(clips) == 4 and len(tta.speaker_ids(folder)) == 2, family
-        for clip in clips:
-            info = sf.info(clip)
-            assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16"), clip
-            assert 1600 <= info.frames <= 16000, clip
+        assert_two_words_of_two_speakers(family, folder)
     voices = (families["other-languages"] / "README.md").read_text()
     assert "| en" not in voices and any(f"| {v} |" in voices for v in tta.OTHER_LANGUAGE_VOICES)
     assert not any(f"| {v} |" in voices for v in tta.KLATT_VARIANTS)
@@ -195,13 +201,7 @@ def test_engine_families_hold_every_word_of_each_speaker_and_are_reused(tmp_path
     families = tta.build_heldout_families(tmp_path, sizes, jobs=1, families=tta.ENGINE_FAMILIES)
     assert set(families) == {"flite", "festival"}
     for family, folder in families.items():
-        clips = sorted(folder.glob("*/*.wav"))
-        assert {c.parent.name for c in clips} == {"yes", "no"}, family
-        assert len(clips) == 4 and len(tta.speaker_ids(folder)) == 2, family
-        for clip in clips:
-            info = sf.info(clip)
-            assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16"), clip
-            assert 1600 <= info.frames <= 16000, clip
+        for clip in assert_two_words_of_two_speakers(family, folder):
             audio, _ = sf.read(clip)
             assert 0.02 < abs(audio).max() < 0.9 and abs(audio[:50]).max() < 0.01, clip  # levelled, silent lead
         voices = {s.voice for s in tta.choose_engine_speakers(family, {"flite": tta.FLITE_VOICES,
