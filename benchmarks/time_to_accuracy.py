@@ -76,8 +76,12 @@ UNSEEN_VOICES = (
     "learning_rate_schedule=cosine warmup_steps=100 label_smoothing=0.1 "
     "how_many_training_steps=1400,100 learning_rate=0.003,0.00003"
 )
+ROUND1 = "model_architecture=ds_cnn how_many_training_steps=1000,300 learning_rate=0.001,0.0001"
+AUGMENTATION_OFF = ("speed_perturbation=0 pitch_perturbation=0 background_snr_db= gain_db=0 "
+                    "spec_time_masks=0 spec_freq_masks=0 mixup_alpha=0")
 RECIPES = {
-    "round1": "model_architecture=ds_cnn how_many_training_steps=1000,300 learning_rate=0.001,0.0001",
+    "round1": f"{ROUND1} {AUGMENTATION_OFF}",  # as round 1 trained it: no augmentation beyond the recipe's
+    "ds_cnn_defaults": ROUND1,  # the same with today's default augmentation
     "unseen_voices": UNSEEN_VOICES,
     "quickstart": quickstart_text(),
 }
