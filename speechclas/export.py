@@ -28,6 +28,7 @@ from tensorflow.lite.experimental.microfrontend.python.ops import (  # noqa: F40
 )
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
+from speechclas.architectures.common import TIME_POOL_LAYER
 from speechclas.features import (
     MICRO_FEATURE_SCALE,
     FeatureSettings,
@@ -49,7 +50,6 @@ FEATURES_SIGNATURE = "features"
 STREAM_FEATURES_SIGNATURE = "stream_features"
 # Detection's shared trunk, for a network whose output is head(mean over time of trunk(features)):
 # the trunk's output columns of a whole stream once, then the head on each window's mean column.
-TIME_POOL_LAYER = "time_pool"
 STREAM_COLUMNS_SIGNATURE = "stream_columns"
 POOLED_SIGNATURE = "pooled"
 MODEL_JSON_FORMAT = 1

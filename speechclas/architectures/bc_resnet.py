@@ -16,7 +16,7 @@ import keras
 import numpy as np
 from keras import layers
 
-from speechclas.architectures.common import BN_MOMENTUM, fingerprint_input, scaled_channels
+from speechclas.architectures.common import BN_MOMENTUM, fingerprint_input, scaled_channels, time_pooled_logits
 
 # BC-ResNet-1's channels (the paper's base of 8 times 2, 1, 1.5, 2, 2.5, 4),
 # each multiplied by the width.
@@ -149,6 +149,5 @@ def build_bc_resnet(input_shape, label_count: int, dropout_rate: float, width: f
     x = layers.Conv2D(scaled_channels(HEAD_CHANNELS, width), 1, use_bias=False, name="head_pw")(x)
     x = layers.BatchNormalization(momentum=BN_MOMENTUM, name="head_bn")(x)
     x = layers.ReLU(name="head_relu")(x)
-    x = layers.GlobalAveragePooling2D(name="time_pool")(x)
-    outputs = layers.Dense(label_count, name="logits")(x)
+    outputs = time_pooled_logits(x, label_count)
     return keras.Model(inputs, outputs, name="bc_resnet")

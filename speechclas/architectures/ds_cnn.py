@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from speechclas.architectures.common import BN_MOMENTUM, fingerprint_input
+from speechclas.architectures.common import BN_MOMENTUM, fingerprint_input, time_pooled_logits
 
 
 def build_ds_cnn(input_shape, label_count: int, dropout_rate: float) -> keras.Model:
@@ -33,6 +33,5 @@ def build_ds_cnn(input_shape, label_count: int, dropout_rate: float) -> keras.Mo
         x = layers.Conv2D(filters, (1, 1), use_bias=False, name=f"pw{block}")(x)
         x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"pw{block}_bn")(x)
         x = layers.ReLU()(x)
-    x = layers.GlobalAveragePooling2D(name="time_pool")(x)
-    outputs = layers.Dense(label_count, name="logits")(x)
+    outputs = time_pooled_logits(x, label_count)
     return keras.Model(inputs, outputs, name="ds_cnn")

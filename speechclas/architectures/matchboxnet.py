@@ -12,7 +12,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from speechclas.architectures.common import BN_MOMENTUM, fingerprint_input, scaled_channels
+from speechclas.architectures.common import BN_MOMENTUM, fingerprint_input, scaled_channels, time_pooled_logits
 
 PROLOGUE = (128, 11)  # channels, kernel
 BLOCKS = ((64, 13), (64, 15), (64, 17))  # B=3 residual blocks of R=1 sub-block, C=64
@@ -59,6 +59,5 @@ def build_matchboxnet(input_shape, label_count: int, dropout_rate: float, width:
     x = layers.Conv2D(scaled_channels(FINAL_CHANNELS, width), 1, use_bias=False, name="epilogue2")(x)
     x = layers.BatchNormalization(momentum=BN_MOMENTUM, name="epilogue2_bn")(x)
     x = layers.ReLU(name="epilogue2_relu")(x)
-    x = layers.GlobalAveragePooling2D(name="time_pool")(x)
-    outputs = layers.Dense(label_count, name="logits")(x)
+    outputs = time_pooled_logits(x, label_count)
     return keras.Model(inputs, outputs, name="matchboxnet")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
-from speechclas.architectures.common import BN_MOMENTUM, fingerprint_input, scaled_channels
+from speechclas.architectures.common import BN_MOMENTUM, fingerprint_input, scaled_channels, time_pooled_logits
 
 FIRST_CHANNELS = 16
 BLOCK_CHANNELS = (24, 32, 48)  # TC-ResNet8: three residual blocks
@@ -51,6 +51,5 @@ def build_tc_resnet8(input_shape, label_count: int, dropout_rate: float, width: 
     x = layers.ReLU(name="conv1_relu")(x)
     for block, channels in enumerate(BLOCK_CHANNELS, start=1):
         x = _residual_block(x, scaled_channels(channels, width), name=f"block{block}")
-    x = layers.GlobalAveragePooling2D(name="time_pool")(x)
-    outputs = layers.Dense(label_count, name="logits")(x)
+    outputs = time_pooled_logits(x, label_count)
     return keras.Model(inputs, outputs, name="tc_resnet8")
