@@ -362,7 +362,7 @@ def get_predict_args() -> dict[str, fields.Field]:
         ),
         "urls": fields.Str(
             validate=validate.URL(
-                schemes={"http", "https"}, require_tld=False, error="'urls' must be an http(s) URL, got {input!r}"
+                schemes={"http", "https"}, require_tld=False, error="'urls' must be an http(s) URL whose host is a name or a plain IPv4/IPv6 address, got {input!r}"
             ),
             metadata={"description": "URL of an audio file to download and classify. Send this or 'data'."},
         ),

@@ -4,7 +4,7 @@ An operator (the person who runs ``deepaas-run``, the Docker image or
 ``speechclas-serve``) sets these; API callers cannot. Each setting has a
 default that suits a 2-core, 24 GB machine. `SETTINGS` is the one list of
 them: `Limits.from_env` parses it, README's operator table is generated
-from it (``scripts/operator_table.py``), and a malformed value is refused
+from it (``scripts/config_table.py``), and a malformed value is refused
 with a message that names the variable.
 
 Nothing is read at import: callers ask for ``Limits.from_env()`` when they
