@@ -4,6 +4,7 @@ and trainings that go on when MLflow cannot be reached or imported."""
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from speechclas import tracking
 from speechclas.config import Config, load_config
 from speechclas.rundir import RunDir, create_run_dir
 from speechclas.train import train
-from tests.conftest import DEMO_DATA, tiny_training_overrides
+from tests.conftest import DEMO_DATA, make_project_home, tiny_training_overrides
 from tests.processes import free_port, wait_until_serving
 
 SERVER_START_TIMEOUT_S = 240
@@ -104,6 +105,35 @@ def test_cli_training_is_tracked_with_its_evaluations_artifacts_and_registered_m
                                         dst_path=str(tmp_path / "registered")))
     assert (model_dir / "model.tflite").read_bytes() == run.tflite_path.read_bytes()
     assert (model_dir / "labels.txt").read_text() == run.labels_path.read_text()
+
+
+def test_api_training_is_tracked_by_its_own_training_process(mlflow_server, tmp_path, monkeypatch):
+    """DEEPaaS's worker calls api.train, which trains in a process of its own (speechclas.trainproc):
+    that process finds the tracking server in the environment the worker was started with."""
+    from mlflow.tracking import MlflowClient
+
+    from speechclas import api
+
+    home = make_project_home(tmp_path / "home")
+    shutil.copytree(DEMO_DATA, home / "data" / "demo")  # API trainings read inside data/ only
+    monkeypatch.setenv("SPEECHCLAS_HOME", str(home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "api-trainings")
+    overrides = {**tiny_training_overrides(DEMO_DATA, DEMO_DATA), **STEPS}
+    arguments = {name: str(value) for name, value in overrides.items() if name not in ("data_dir", "models_dir")}
+    summary = api.train(data_dir="data/demo", **arguments)
+    assert (home / "models" / summary["run"] / "DONE").is_file()
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    experiment = client.get_experiment_by_name("api-trainings")
+    [tracked] = client.search_runs([experiment.experiment_id])
+    assert tracked.info.run_name == summary["run"] and tracked.info.status == "FINISHED"
+    assert tracked.data.params["data_dir"] == "data/demo" and tracked.data.params["how_many_training_steps"] == "4,2"
+    assert tracked.data.metrics["test_accuracy"] == pytest.approx(summary["test_accuracy"])
+    history = client.get_metric_history(tracked.info.run_id, "validation_accuracy")
+    assert sorted(metric.step for metric in history) == [3, 6]
+    listed = {a.path for a in client.list_artifacts(tracked.info.run_id, "ckpts")}
+    assert {"ckpts/model.tflite", "ckpts/model_int8.tflite", "ckpts/model.json"} <= listed
 
 
 def test_a_dead_tracking_server_does_not_stop_the_training(tmp_path, monkeypatch, caplog):
