@@ -459,7 +459,7 @@ def toy_model(shape, padding: str, per_clip_normalisation: bool = False):
     if per_clip_normalisation:
         x = layers.Lambda(lambda t: t - keras.ops.mean(t, axis=1, keepdims=True))(x)
     x = layers.Conv2D(6, (5, 3), strides=(2, 2), padding=padding, activation="relu")(x)
-    x = layers.DepthwiseConv2D((3, 3), strides=(2, 1), padding=padding, activation="relu")(x)
+    x = layers.DepthwiseConv2D((3, 3), strides=(2, 2), padding=padding, activation="relu")(x)  # equal: see bc_resnet
     x = layers.GlobalAveragePooling2D(name="time_pool")(x)
     outputs = layers.Dense(5)(x)
     model = keras.Model(inputs, outputs)

@@ -33,6 +33,46 @@ BLOCK_DROPOUT = 0.1
 HEAD_KERNEL = 5
 
 
+class FrequencyStridedDepthwiseConv2D(layers.DepthwiseConv2D):
+    """A (1, k) depthwise convolution strided along frequency only, as
+    DepthwiseConv2D((1, k), strides=(1, s), padding="same") computes it.
+
+    TensorFlow's CPU depthwise kernel refuses unequal strides unless oneDNN
+    runs it (CPUs with AVX-512), so the stride is taken by computing every
+    position ("same" padding placed as TensorFlow places it for stride s) and
+    keeping every s-th: the same weights and outputs on every CPU, GPU and in
+    TFLite (a plain depthwise convolution and a strided slice).
+    """
+
+    def __init__(self, kernel_width: int, frequency_stride: int, **kwargs):
+        for key in ("kernel_size", "strides", "padding", "use_bias"):
+            kwargs.pop(key, None)
+        super().__init__((1, kernel_width), padding="valid", use_bias=False, **kwargs)
+        self.kernel_width = kernel_width
+        self.frequency_stride = frequency_stride
+
+    def _padding(self, bins: int) -> tuple[int, int]:
+        """TensorFlow's "same" padding of `bins` for this kernel and stride."""
+        out = -(-bins // self.frequency_stride)
+        total = max((out - 1) * self.frequency_stride + self.kernel_width - bins, 0)
+        return total // 2, total - total // 2
+
+    def call(self, inputs):
+        before, after = self._padding(inputs.shape[2])
+        padded = keras.ops.pad(inputs, [[0, 0], [0, 0], [before, after], [0, 0]])
+        return super().call(padded)[:, :, :: self.frequency_stride, :]
+
+    def compute_output_shape(self, input_shape):
+        bins = input_shape[2]
+        return (*input_shape[:2], None if bins is None else -(-bins // self.frequency_stride), input_shape[3])
+
+    def get_config(self):
+        config = super().get_config()
+        for key in ("kernel_size", "strides", "padding", "use_bias"):
+            config.pop(key, None)
+        return {**config, "kernel_width": self.kernel_width, "frequency_stride": self.frequency_stride}
+
+
 class SubSpectralNorm(layers.Layer):
     """Batch normalisation with statistics, scale and offset per frequency
     sub-band and channel (Chang et al. 2021, "Subspectral Normalization").
@@ -103,8 +143,7 @@ def _broadcasted_block(x, channels: int, frequency_stride: int, dilation: int, n
         x = layers.Conv2D(channels, 1, use_bias=False, name=f"{name}_expand")(x)
         x = layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_expand_bn")(x)
         x = layers.ReLU(name=f"{name}_expand_relu")(x)
-    x = layers.DepthwiseConv2D((1, 3), strides=(1, frequency_stride), padding="same", use_bias=False,
-                               name=f"{name}_freq_dw")(x)
+    x = FrequencyStridedDepthwiseConv2D(3, frequency_stride, name=f"{name}_freq_dw")(x)
     two_d = SubSpectralNorm(name=f"{name}_ssn")(x)
     x = layers.AveragePooling2D((1, two_d.shape[2]), name=f"{name}_freq_mean")(two_d)
     x = layers.DepthwiseConv2D((3, 1), dilation_rate=(dilation, 1), padding="same", use_bias=False,
