@@ -45,8 +45,6 @@ class FrequencyStridedDepthwiseConv2D(layers.DepthwiseConv2D):
     """
 
     def __init__(self, kernel_width: int, frequency_stride: int, **kwargs):
-        for key in ("kernel_size", "strides", "padding", "use_bias"):
-            kwargs.pop(key, None)
         super().__init__((1, kernel_width), padding="valid", use_bias=False, **kwargs)
         self.kernel_width = kernel_width
         self.frequency_stride = frequency_stride
