@@ -673,6 +673,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     parser.add_argument("--jsonl", type=Path, help="also append one JSON line per result here")
     parser.add_argument("--data-only", action="store_true", help="make (or check) the data and stop")
+    parser.add_argument("--install-tools", action="store_true",
+                        help="install the synthesizers and sox the families need (Debian packages) and stop")
     parser.add_argument("--score-run", type=Path, metavar="RUN_DIR",
                         help="score this finished run folder on every family (its own wanted words), no training")
     parser.add_argument("--quick", action="store_true",
@@ -700,6 +702,8 @@ def main(argv=None) -> None:
         for handler in logging.getLogger().handlers:
             handler.addFilter(lambda record: record.name == logger.name or record.levelno >= logging.WARNING)
     ensure_tools()
+    if args.install_tools:
+        return
     work_dir = args.work_dir.resolve()
     sizes = DataSizes(args.training_speakers, args.heldout_speakers, engine_speakers=args.engine_speakers)
     training = build_training_set(work_dir, sizes, args.jobs)
