@@ -32,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import soxr
 from tqdm import tqdm
+
+from speechclas.voices import LEVEL_DB_RANGE, NOISE_DB_RANGE, shape_clip, to_pcm16
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +79,6 @@ VARIANTS = (
 )  # fmt: skip
 PITCH_RANGE = (30, 70)  # espeak-ng -p, 0-99, default 50
 SPEED_RANGE = (130, 200)  # espeak-ng -s, words per minute, default 175
-LEVEL_DB_RANGE = (-15.0, -3.0)  # peak level of the speaker's words, dBFS
-CLIP_GAIN_DB_RANGE = (-4.0, 2.0)  # per-clip gain on top of the speaker level
-NOISE_DB_RANGE = (-65.0, -50.0)  # RMS of the noise floor under each clip, dBFS
 NOISE_KINDS = ("white_noise", "pink_noise", "brown_noise", "running_tap")
 
 
@@ -185,51 +183,6 @@ def synthesize(text, speaker):
     return audio, rate
 
 
-def trim_silence(audio, sample_rate, threshold_db=-40.0, frame_ms=10):
-    """Cut leading and trailing frames quieter than `threshold_db` below the peak.
-
-    espeak-ng pads its output with silence of varying length; without trimming
-    the random placement inside the 1 s clip would be biased by that padding.
-    """
-    frame = max(1, sample_rate * frame_ms // 1000)
-    frames = len(audio) // frame
-    if frames == 0:
-        return audio
-    rms = np.sqrt(np.mean(audio[: frames * frame].reshape(frames, frame) ** 2, axis=1))
-    loud = np.flatnonzero(rms > np.max(rms) * 10 ** (threshold_db / 20))
-    return audio[loud[0] * frame : (loud[-1] + 1) * frame]
-
-
-def trim_to_word(audio, clip_samples, rng, lead_ms=(0, 150), tail_ms=30, sample_rate=SAMPLE_RATE):
-    """Keep the word with a random lead-in and a short tail, at most one clip long.
-
-    speech_commands itself holds clips shorter than 1 s (the loader pads
-    them); storing only the word keeps the shipped demo small enough to hold
-    twice as many speakers, which is what lets a model generalise.
-    """
-    lead = np.zeros(rng.randint(*lead_ms) * sample_rate // 1000, dtype=np.float32)
-    tail = np.zeros(tail_ms * sample_rate // 1000, dtype=np.float32)
-    return np.concatenate([lead, audio, tail])[:clip_samples]
-
-
-def place_in_clip(audio, clip_samples, rng, margin=800):
-    """Put `audio` at a random offset in a zero clip; longer audio keeps its start.
-
-    Up to `margin` samples (50 ms at 16 kHz) stay free at both ends when the
-    word is short enough, so time-shift augmentation does not cut it at once.
-    """
-    clip = np.zeros(clip_samples, dtype=np.float32)
-    audio = audio[:clip_samples]
-    margin = min(margin, (clip_samples - len(audio)) // 2)
-    offset = rng.randint(margin, clip_samples - len(audio) - margin)
-    clip[offset : offset + len(audio)] = audio
-    return clip
-
-
-def to_pcm16(audio):
-    return np.round(np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16)
-
-
 def make_clip(word, speaker, path, seed, full_clip, sample_rate=SAMPLE_RATE, clip_samples=CLIP_SAMPLES, synth=None):
     """Synthesize `word` as `speaker` and write one 1 s clip to `path`.
 
@@ -242,18 +195,7 @@ def make_clip(word, speaker, path, seed, full_clip, sample_rate=SAMPLE_RATE, cli
     """
     rng = random.Random(f"{seed}:{speaker.id}:{word}")
     audio, rate = (synth or synthesize)(word, speaker)
-    audio = soxr.resample(audio, rate, sample_rate, quality="HQ").astype(np.float32)
-    audio = trim_silence(audio, sample_rate)
-    word_seconds = len(audio) / sample_rate
-    peak_db = speaker.level_db + rng.uniform(*CLIP_GAIN_DB_RANGE)
-    audio *= 10 ** (min(peak_db, -1.0) / 20) / np.max(np.abs(audio))
-    if full_clip:
-        clip = place_in_clip(audio, clip_samples, rng)
-    else:
-        clip = trim_to_word(audio, clip_samples, rng, sample_rate=sample_rate)
-    noise_rms = 10 ** (rng.uniform(*NOISE_DB_RANGE) / 20)
-    noise = np.random.default_rng(rng.getrandbits(64)).standard_normal(len(clip))
-    clip += (noise * noise_rms).astype(np.float32)
+    clip, word_seconds = shape_clip(audio, rate, speaker.level_db, rng, sample_rate, clip_samples, full_clip)
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(path, to_pcm16(clip), sample_rate, subtype="PCM_16")
     return word_seconds

@@ -95,6 +95,8 @@ class Config:
     spec_freq_masks: int = _field("audio_processor")
     spec_freq_mask_bins: int = _field("audio_processor")
     mixup_alpha: float = _field("audio_processor")
+    synthetic_voices: tuple = _field("audio_processor")
+    synthetic_speakers: int = _field("audio_processor")
     validation_percentage: float = _field("audio_processor")
     testing_percentage: float = _field("audio_processor")
     # training_parameters
@@ -303,8 +305,9 @@ def check_label_names(words: Sequence[str]) -> None:
 
 # Rules of one parameter beyond its type, choices and range.
 _VALUE_RULES: dict[str, Callable[[Any], None]] = {"wanted_words": check_label_names}
-# Lists that may be given empty: no SNR range keeps the recipe's background_volume rule.
-_MAY_BE_EMPTY = {"background_snr_db"}
+# Lists that may be given empty: no SNR range keeps the recipe's background_volume rule;
+# no synthetic voices adds none.
+_MAY_BE_EMPTY = {"background_snr_db", "synthetic_voices"}
 
 
 def coerce_value(spec: ParamSpec, value: Any) -> Any:

@@ -206,6 +206,7 @@ class ClipCount:
     wanted: int  # clips of wanted words
     other: int  # clips of other words (_unknown_)
     background_seconds: float  # noise, read from the headers
+    words: int = 0  # word folders (wanted and other), each said by every synthetic speaker
 
     @property
     def total(self) -> int:
@@ -218,20 +219,28 @@ def count_clips(data_dir: Path, wanted_words: Sequence[str], splits_dir: Path | 
     wanted_set = set(wanted_words)
     lists = [splits_dir / name for name in SPLIT_FILES.values()] if splits_dir else []
     counts = {True: 0, False: 0}
+    words = set()
     if lists and all(path.is_file() for path in lists):
         for path in lists:
             with open(path, encoding="utf-8", errors="replace") as lines:
                 for line in lines:
                     relative = line.strip()
                     if relative and not relative.startswith("#"):
+                        words.add(Path(relative).parent.name)
                         counts[Path(relative).parent.name in wanted_set] += 1
     else:
         for folder in _entries(data_dir):
             if folder.is_dir() and not folder.name.startswith(".") and folder.name != BACKGROUND_NOISE_DIR:
+                words.add(folder.name)
                 counts[folder.name in wanted_set] += sum(1 for entry in _entries(folder) if _is_audio(entry))
     background = sum(_seconds(Path(entry.path)) for entry in _entries(data_dir / BACKGROUND_NOISE_DIR)
                      if _is_audio(entry))
-    return ClipCount(wanted=counts[True], other=counts[False], background_seconds=background)
+    return ClipCount(wanted=counts[True], other=counts[False], background_seconds=background, words=len(words))
+
+
+def synthetic_clip_count(config: Config, clips: ClipCount) -> int:
+    """Clips `synthetic_voices` would add: every word once by each speaker of each engine."""
+    return len(config.synthetic_voices) * config.synthetic_speakers * clips.words
 
 
 def _entries(folder: Path) -> list[os.DirEntry]:
@@ -285,12 +294,13 @@ def estimate_memory(config: Config, settings: FeatureSettings, clips: ClipCount)
     (estimated 1628), 6118 MB at batch_size=1024 (estimated 6786).
     """
     clip_bytes = settings.desired_samples * 2  # int16
+    synthetic = synthetic_clip_count(config, clips)  # training clips only
     # data.evaluation_examples' shares, rounded up in each of the three splits.
     unknown = min(clips.other, math.ceil(clips.wanted * config.unknown_percentage / 100) + 3)
     silence = math.ceil(clips.wanted * config.silence_percentage / 100) + 3
     evaluation_clips = clips.wanted + unknown + silence
     background = int(clips.background_seconds * settings.sample_rate) * 4 * 2  # joined, then the pipeline's copy
-    audio = (2 * clips.total + evaluation_clips) * clip_bytes + background
+    audio = (2 * (clips.total + synthetic) + evaluation_clips) * clip_bytes + background
     cells = settings.spectrogram_length * settings.fingerprint_width
     # Per clip of a batch: float audio, its shifted copy, the noise and the mix (and six more
     # arrays of the speed change's interpolation); the spectrogram (at most window_size_samples
@@ -303,19 +313,30 @@ def estimate_memory(config: Config, settings: FeatureSettings, clips: ClipCount)
                 + feature_copies * cells) * 4
     batches = config.batch_size * (per_clip * BATCHES_IN_FLIGHT + cells * ACTIVATION_FLOATS_PER_CELL * 4)
     return MemoryEstimate(
-        clips=clips.total, audio=audio, evaluation_features=evaluation_clips * cells * 4, batches=batches
+        clips=clips.total + synthetic, audio=audio, evaluation_features=evaluation_clips * cells * 4,
+        batches=batches,
     )
 
 
 def check_memory(
     config: Config, settings: FeatureSettings, data_dir: Path, splits_dir: Path | None, limits: Limits
 ) -> MemoryEstimate:
-    """Refuse a training whose estimated memory is above the operator's budget.
+    """Refuse a training whose estimated memory is above the operator's budget, or that
+    would synthesize more clips than the operator allows.
 
     Called at validation for a data_dir, and by the training itself once a
     data_url is downloaded, before any clip is loaded.
     """
-    estimate = estimate_memory(config, settings, count_clips(data_dir, config.wanted_words, splits_dir))
+    clips = count_clips(data_dir, config.wanted_words, splits_dir)
+    synthetic = synthetic_clip_count(config, clips)
+    if synthetic > limits.max_synthetic_clips:
+        raise ConfinementError(
+            f"synthetic_voices={','.join(config.synthetic_voices)} with synthetic_speakers="
+            f"{config.synthetic_speakers} would say {synthetic} clips ({clips.words} words of the data), above "
+            f"this server's limit of {limits.max_synthetic_clips} ({_operator_variable('max_synthetic_clips')}); "
+            "use fewer synthetic_speakers or engines"
+        )
+    estimate = estimate_memory(config, settings, clips)
     budget = limits.train_memory_mb * MB
     logger.info("Estimated memory of the training: %d MB (%s)", estimate.total // MB, estimate.describe())
     if estimate.total > budget:

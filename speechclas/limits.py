@@ -97,6 +97,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("train_memory_mb", "int", 12_288,
             "Memory an API training may need, estimated before it starts from its clips (decoded, "
             "augmented batches, cached evaluation features) (MB).", 1),
+    Setting("max_synthetic_clips", "int", 10_000,
+            "Clips an API training's `synthetic_voices` may say (engines × `synthetic_speakers` × words of "
+            "its data); about 0.2 s of a CPU core each.", 0),
     Setting("max_labels", "int", 100, "Wanted words of one training.", 1),
     Setting("max_label_chars", "int", 64, "Characters of one label name.", 1),
     # --- MLflow tracking (on when MLflow's own MLFLOW_TRACKING_URI is set) ---------------
@@ -136,6 +139,7 @@ class Limits:
     max_clip_duration_ms: int
     max_feature_cells: int
     train_memory_mb: int
+    max_synthetic_clips: int
     max_labels: int
     max_label_chars: int
     mlflow_model_name: str

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from speechclas import (
     pipeline,
     streaming,
     tracking,
+    voices,
 )
 from speechclas.config import Config
 from speechclas.features import FeatureSettings, settings_from_config
@@ -85,6 +87,7 @@ class PreparedData:
     training: pipeline.TrainingAudio
     evaluation: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (int16 audio, labels)
     skipped: tuple[data.SkippedClip, ...] = ()  # files left out, each once
+    synthetic: voices.SyntheticClips | None = None  # clips of synthetic_voices added to training
 
     def skipped_summary(self) -> dict:
         """How many files were left out and a few of them, for metrics.json."""
@@ -92,6 +95,15 @@ class PreparedData:
             "count": len(self.skipped),
             "examples": [{"file": clip.path, "error": clip.reason} for clip in self.skipped[:SKIPPED_EXAMPLES]],
         }
+
+    def synthetic_summary(self) -> dict:
+        """How many clips synthetic_voices added and how many it could not make, for metrics.json."""
+        clips = self.synthetic
+        if clips is None:
+            return {"clips": 0, "words": 0, "failed": 0, "failed_examples": []}
+        return {"clips": len(clips.words), "words": len(set(clips.words)), "failed": len(clips.failures),
+                "failed_examples": [{"word": word, "speaker": speaker, "error": reason}
+                                    for word, speaker, reason in clips.failures[:SKIPPED_EXAMPLES]]}
 
 
 def prepare_data(
@@ -115,15 +127,24 @@ def prepare_data(
 
     wanted = index.wanted("training")
     wanted_loaded = load(e.path for e in wanted)
-    unknown_loaded = load(e.path for e in index.unknown("training"))
+    unknown = index.unknown("training")
+    unknown_loaded = load(e.path for e in unknown)
+    synthetic = synthesize_training_clips(config, settings, sorted({e.word for e in (*wanted, *unknown)}))
     background, skipped_noise = data.load_background(
         data_dir, index.background_files, settings.sample_rate, settings.desired_samples, limits=limits
     )
     skipped.update((clip.path, clip) for clip in skipped_noise)
+    wanted_labels = [index.label_index(wanted[i].word) for i in wanted_loaded.kept]
+    wanted_audio, unknown_audio = wanted_loaded.audio, unknown_loaded.audio
+    if synthetic is not None:
+        said_wanted = np.array([word in index.labels for word in synthetic.words], bool)
+        wanted_audio = np.concatenate([wanted_audio, synthetic.audio[said_wanted]])
+        wanted_labels += [index.label_index(word) for word in np.array(synthetic.words)[said_wanted]]
+        unknown_audio = np.concatenate([unknown_audio, synthetic.audio[~said_wanted]])
     training = pipeline.TrainingAudio(
-        wanted_audio=wanted_loaded.audio,
-        wanted_labels=np.array([index.label_index(wanted[i].word) for i in wanted_loaded.kept], np.int32),
-        unknown_audio=unknown_loaded.audio,
+        wanted_audio=wanted_audio,
+        wanted_labels=np.array(wanted_labels, np.int32),
+        unknown_audio=unknown_audio,
         unknown_label=index.label_index(data.UNKNOWN_LABEL),
         silence_label=index.label_index(data.SILENCE_LABEL),
         background=background,
@@ -139,7 +160,24 @@ def prepare_data(
         data.fill_silence(loaded.audio, silent, training.background, seed=config.random_seed + number)
         evaluation[split] = (loaded.audio, np.array(labels, np.int32)[loaded.kept])
     _check_usable(index, skipped, data_dir)
-    return PreparedData(index=index, training=training, evaluation=evaluation, skipped=tuple(skipped.values()))
+    return PreparedData(index=index, training=training, evaluation=evaluation, skipped=tuple(skipped.values()),
+                        synthetic=synthetic)
+
+
+def synthesize_training_clips(
+    config: Config, settings: FeatureSettings, words: list[str]
+) -> voices.SyntheticClips | None:
+    """The training words said by `config.synthetic_speakers` speakers of each engine of
+    `config.synthetic_voices` (None when it is empty); an engine that cannot run is a DataError."""
+    if not config.synthetic_voices:
+        return None
+    try:
+        return voices.synthesize_clips(
+            words, config.synthetic_voices, config.synthetic_speakers, config.random_seed, settings.sample_rate,
+            settings.desired_samples, jobs=os.cpu_count() or 1,
+        )
+    except voices.VoicesError as exc:
+        raise data.DataError(str(exc)) from None
 
 
 def _check_usable(index: data.DatasetIndex, skipped: dict[str, data.SkippedClip], data_dir: Path) -> None:
@@ -388,6 +426,10 @@ def train(
         if prepared.skipped:
             logger.warning("Skipped %d files that cannot be used (metrics.json lists %d): %s", len(prepared.skipped),
                            SKIPPED_EXAMPLES, "; ".join(clip.path for clip in prepared.skipped[:SKIPPED_EXAMPLES]))
+        if prepared.synthetic is not None:
+            summary = prepared.synthetic_summary()
+            logger.info("Added %d training clips of %d words said by %s (synthetic_voices), %d failed",
+                        summary["clips"], summary["words"], ",".join(config.synthetic_voices), summary["failed"])
         run.conf_path.write_text(config.to_json())
         run.labels_path.write_text("".join(f"{label}\n" for label in index.labels))
         data.write_split_lists(index, run.dataset_files)
@@ -589,6 +631,7 @@ def write(state: TrainingState, config: Config, settings: FeatureSettings, prepa
         "duration_s": round(time.monotonic() - started, 1),
         **results,
         "skipped_clips": prepared.skipped_summary(),
+        "synthetic_clips": prepared.synthetic_summary(),
         "exports": exports_accuracy,
         "history": history,
     }

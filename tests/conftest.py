@@ -26,6 +26,18 @@ def tiny_training_overrides(data_dir: Path, models_dir: Path) -> dict[str, str |
     }
 
 
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    """Two wanted words and one unknown word, 8 speakers each, plus noise."""
+    out = tmp_path_factory.mktemp("toy") / "audios"
+    for word in ("yes", "no", "bed"):
+        (out / word).mkdir(parents=True)
+        for clip in sorted((DEMO_DATA / word).iterdir())[:8]:
+            shutil.copy(clip, out / word / clip.name)
+    shutil.copytree(DEMO_DATA / "_background_noise_", out / "_background_noise_")
+    return out
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """One finished tiny_conv run on the demo data, shared by the whole session (about 10 s)."""

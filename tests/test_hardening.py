@@ -784,7 +784,7 @@ def test_schemathesis_finds_no_server_error_and_no_hang(tmp_path, trained_run):
     """Examples generated from the live swagger.json (OpenAPI 2, from aiohttp-apispec): never a 5xx, never a hang.
 
     Trainings are confined to the temporary project's data/ (an empty audios/ and three demo words)
-    and capped at 5 steps of 8 clips, so whatever Schemathesis gets accepted stays tiny; the
+    and capped at 5 steps of 8 clips and 30 synthetic clips, so whatever Schemathesis gets accepted stays tiny; the
     operations run train last, since with one worker a training delays the predictions behind it.
     """
     import schemathesis
@@ -797,6 +797,7 @@ def test_schemathesis_finds_no_server_error_and_no_hang(tmp_path, trained_run):
         "SPEECHCLAS_TRAIN_ROOTS": str(home / "data"),
         "SPEECHCLAS_MAX_TRAIN_STEPS": "5",
         "SPEECHCLAS_MAX_BATCH_SIZE": "8",
+        "SPEECHCLAS_MAX_SYNTHETIC_CLIPS": "30",  # festival takes about 0.3 s a clip
         "SPEECHCLAS_MAX_AUDIO_BYTES": str(MiB),
     }
     failures: list[str] = []

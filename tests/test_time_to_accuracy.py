@@ -7,7 +7,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import soundfile as sf
 
@@ -151,48 +150,7 @@ def test_overall_is_the_mean_over_all_families_and_other_engines_over_flite_and_
     assert line.split(" | ")[-2:] == ["0.660", "**0.300** |"]
 
 
-def test_engine_speakers_are_distinct_reproducible_and_cover_every_voice():
-    speakers = tta.choose_engine_speakers("flite", tta.FLITE_VOICES, 12, seed=7)
-    assert speakers == tta.choose_engine_speakers("flite", tta.FLITE_VOICES, 12, seed=7)
-    assert len({s.id for s in speakers}) == 12
-    assert {s.voice for s in speakers} == set(tta.FLITE_VOICES)
-    for speaker in speakers:
-        assert tta.STRETCH_RANGE[0] <= speaker.stretch <= tta.STRETCH_RANGE[1]
-        if not tta.FLITE_VOICES[speaker.voice]:
-            assert speaker.pitch == 1.0  # a pitch the voice ignores would make two ids of one voice
-
-
 ENGINES_MISSING = shutil.which("flite") is None or shutil.which("text2wave") is None
-
-
-@pytest.mark.skipif(ENGINES_MISSING, reason="needs flite and festival")
-@pytest.mark.parametrize("engine, voice", [("flite", "kal16"), ("flite", "slt"), ("festival", "kal_diphone"),
-                                           ("festival", "cmu_us_slt_arctic_hts")])
-def test_engine_speakers_stretch_and_pitch_change_the_voice(engine, voice):
-    def say(stretch, pitch):
-        audio, _ = tta.synthesize_with_engine("seven", tta.EngineSpeaker(engine, voice, stretch, pitch, -6.0))
-        return audio
-
-    slow, fast = say(1.25, 1.0), say(0.8, 1.0)
-    assert len(slow) > 1.2 * len(fast)
-    if {"flite": tta.FLITE_VOICES, "festival": tta.FESTIVAL_VOICES}[engine][voice]:
-        _, rate = tta.synthesize_with_engine("seven", tta.EngineSpeaker(engine, voice, 1.0, 1.0, -6.0))
-        low, high = _f0(say(1.0, 0.8), rate), _f0(say(1.0, 1.25), rate)
-        assert 1.25 < high / low < 2.0, (low, high)  # 1.56 asked for
-
-
-def _f0(audio, rate):
-    """Median autocorrelation pitch (60-400 Hz) of the loud 40 ms frames."""
-    frame = int(0.04 * rate)
-    frames = audio[: len(audio) // frame * frame].reshape(-1, frame)
-    loud = frames[np.sqrt((frames**2).mean(axis=1)) > 0.3 * np.sqrt((frames**2).mean(axis=1)).max()]
-    low, high = rate // 400, rate // 60
-    pitches = []
-    for chunk in loud:
-        chunk = chunk - chunk.mean()
-        correlation = np.correlate(chunk, chunk, "full")[frame - 1 :]
-        pitches.append(rate / (low + np.argmax(correlation[low:high])))
-    return float(np.median(pitches))
 
 
 @pytest.mark.skipif(ENGINES_MISSING, reason="needs flite and festival")
@@ -204,9 +162,7 @@ def test_engine_families_hold_every_word_of_each_speaker_and_are_reused(tmp_path
         for clip in assert_two_words_of_two_speakers(family, folder):
             audio, _ = sf.read(clip)
             assert 0.02 < abs(audio).max() < 0.9 and abs(audio[:50]).max() < 0.01, clip  # levelled, silent lead
-        voices = {s.voice for s in tta.choose_engine_speakers(family, {"flite": tta.FLITE_VOICES,
-                                                                       "festival": tta.FESTIVAL_VOICES}[family], 2,
-                                                             tta.FAMILY_SEEDS[family])}
+        voices = {s.voice for s in tta.voices.choose_engine_speakers(family, 2, tta.FAMILY_SEEDS[family])}
         readme = (folder / "README.md").read_text()
         assert len(voices) == 2 and all(f"| {v} |" in readme for v in voices), family
     with caplog.at_level(logging.INFO, logger="time_to_accuracy"):
@@ -234,6 +190,43 @@ def test_score_run_scores_a_finished_run_on_every_family_with_its_own_words(trai
         assert scores["balanced_accuracy"][family] == pytest.approx(expected, abs=1e-4)
     assert scores["overall"] == pytest.approx(sum(scores["balanced_accuracy"].values()) / 2, abs=1e-4)
     assert scores["other_engines"] == scores["balanced_accuracy"]["flite"]
+
+
+def test_an_engine_the_recipe_trains_on_is_scored_by_a_training_without_it(trained_run, tmp_path, monkeypatch):
+    """Leave one engine out: festival is in synthetic_voices, so its family is scored by a
+    second training whose synthetic_voices lack festival; the other families by the first."""
+    from speechclas.config import load_config
+    from speechclas.predict import Predictor
+
+    demo = ROOT / "data" / "demo"
+    families = {}
+    for family in ("klatt", "festival", "flite"):
+        for word in ("yes", "cat"):
+            (tmp_path / family / word).mkdir(parents=True)
+            for clip in sorted((demo / word).glob("*.wav"))[:2]:
+                shutil.copy(clip, tmp_path / family / word / clip.name)
+        families[family] = tmp_path / family
+    trainings = []
+
+    class Result:
+        run = trained_run
+
+    def fake_training(config, base_dir):
+        trainings.append(config.synthetic_voices)
+        return Result(), 1.0, None
+
+    monkeypatch.setattr(tta, "timed_training", fake_training)
+    config = load_config({"wanted_words": "yes,no", "synthetic_voices": "festival,flite"})
+    scores = tta.score_heldout(Predictor.load(trained_run), config, families, tmp_path)
+    assert trainings == [("festival",), ("flite",)]  # flite left out first, then festival
+    assert set(scores["left_out_runs"]) == {"festival", "flite"}
+    assert set(scores["balanced_accuracy"]) == set(families) and scores["clips"]["festival"] == 4
+    assert scores["other_engines"] == pytest.approx(
+        (scores["balanced_accuracy"]["festival"] + scores["balanced_accuracy"]["flite"]) / 2, abs=1e-4)
+    row = {"recipe": "r", "architecture": "tiny_conv", "budget_min": None, "steps": 1, "train_s": 1.0,
+           "parameters": 1, "latency_ms": 1.0, "validation_accuracy": 1.0, **scores}
+    table = tta.markdown_table([row], list(families))
+    assert "*" in table.splitlines()[2] and "without that engine" in table
 
 
 def test_the_quickstart_recipe_is_the_scripts_own_string_and_a_known_recipe():

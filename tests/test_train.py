@@ -24,18 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"
 
 
-@pytest.fixture(scope="module")
-def toy_data(tmp_path_factory):
-    """Two wanted words and one unknown word, 8 speakers each, plus noise."""
-    out = tmp_path_factory.mktemp("toy") / "audios"
-    for word in ("yes", "no", "bed"):
-        (out / word).mkdir(parents=True)
-        for clip in sorted((DEMO / word).iterdir())[:8]:
-            shutil.copy(clip, out / word / clip.name)
-    shutil.copytree(DEMO / "_background_noise_", out / "_background_noise_")
-    return out
-
-
 def toy_config(data_dir, models_dir, **overrides):
     values = {
         "data_dir": str(data_dir),
