@@ -30,7 +30,6 @@ from tests.test_export import assert_model_json_matches_the_interpreter
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"
 RATE = 16000
-toy_data = test_train.toy_data  # the same module-scoped fixture: two words and an unknown one
 
 
 def logmel_settings():
