@@ -2,8 +2,8 @@
 
 A model trained on one synthesiser's voices learns that synthesiser, not the
 words: trained on espeak-ng alone, tc_resnet8 reaches about 0.6 balanced accuracy
-on flite's and festival's voices; with one of those engines added to its
-training data it reaches 0.86 on the other (README, "Time to accuracy"). The
+on flite's and festival's voices; with speakers of one of those engines added
+to its training data it reaches 0.81 on the other (README, "Time to accuracy"). The
 `synthetic_voices` training parameter therefore adds clips of every word of
 the training split, said by speakers of the engines installed on the server
 (flite, festival), to the training clips only: validation and test stay the
