@@ -97,7 +97,9 @@ def test_clip_normalisation_makes_the_model_deaf_to_gain():
     model = ds_cnn("clip")
     # Not exactly: the log's 1e-6 offset weighs a little in the faintest (highest) bands.
     np.testing.assert_allclose(normalized(model, loud), normalized(model, quiet), atol=1e-2)
-    # A network whose answer moves with its input (an untrained ds_cnn answers about 0 to all).
+    # A network whose answer moves with its input (an untrained ds_cnn answers about 0 to all);
+    # seeded, as one random initialisation in six moved it by less than 0.1.
+    tf.keras.utils.set_random_seed(1)  # moves the answer by 0.79; clip normalisation leaves 2e-4
     linear = architectures.build_model("single_fc", logmel_settings().input_shape, 4, 0.5)
     plain = tf.nn.softmax(linear(loud)) - tf.nn.softmax(linear(quiet))
     with_clip = with_feature_normalization(linear, "clip")
