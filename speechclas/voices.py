@@ -278,6 +278,13 @@ def synthesize_clips(
     kept = [i for i, result in enumerate(results) if not isinstance(result, str)]
     failures = tuple((word, speaker.id, result) for (word, speaker), result in zip(tasks, results, strict=True)
                      if isinstance(result, str))
+    for engine in engines:
+        made = sum(1 for i in kept if tasks[i][1].engine == engine)
+        first = next((reason for (_, speaker), reason in zip(tasks, results, strict=True)
+                      if speaker.engine == engine and isinstance(reason, str)), None)
+        if not made and first is not None:  # e.g. the program is there but not its voices
+            raise VoicesError(f"{engine} could not say any of the {len(said)} words ({first}); install its "
+                              f"voices with `bash {INSTALLER}` or leave it out of synthetic_voices")
     for word, speaker_id, reason in failures[:5]:
         logger.warning("synthetic_voices: could not say %r as speaker %s: %s", word, speaker_id, reason)
     audio = np.stack([results[i] for i in kept]) if kept else np.zeros((0, clip_samples), np.int16)

@@ -99,6 +99,18 @@ def test_a_clip_an_engine_fails_on_is_reported_and_the_others_are_kept(monkeypat
     assert [(word, reason) for word, _, reason in clips.failures] == [("cat", "RuntimeError: flite produced no audio")] * 3
 
 
+def test_an_engine_that_says_nothing_is_a_clear_error(monkeypatch):
+    """The program is there but not its voices: every clip fails, which is an error, not 0 clips."""
+    monkeypatch.setattr(voices, "missing_engines", lambda engines: [])
+
+    def say(text, speaker):
+        raise RuntimeError("no voice kal_diphone")
+
+    with pytest.raises(voices.VoicesError, match=r"festival could not say any of the 2 words .*no voice kal_diphone"):
+        voices.synthesize_clips(["yes", "no"], ["festival"], 2, seed=0, sample_rate=16000, clip_samples=16000,
+                                jobs=1, synthesize=say)
+
+
 def test_only_folder_names_that_read_as_words_are_said():
     said, unsaid = voices.sayable_words(["yes", "don't", "follow-up", "Ärger", "kw_01", "7up", "a b", ""])
     assert said == ["yes", "don't", "follow-up", "Ärger"]
