@@ -31,10 +31,13 @@ setup(
         "test": read_requirements("test-requirements.txt"),
         # MLflow tracking (MLFLOW_TRACKING_URI): the client only; `mlflow server` needs the full mlflow.
         "mlflow": ["mlflow-skinny>=3,<4"],
+        # speechclas-detect --manifest --engine ray: Ray Data on a cluster (RAY_ADDRESS) or a local Ray.
+        "ray": ["ray[data]>=2.40,<3"],
     },
     entry_points={
         "console_scripts": [
             "speechclas-train=speechclas.cli:train_main",
+            "speechclas-prepare=speechclas.cli:prepare_main",
             "speechclas-predict=speechclas.cli:predict_main",
             "speechclas-detect=speechclas.cli:detect_main",
             "speechclas-web=speechclas.webserver:main",

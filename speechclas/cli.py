@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ def train_main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
 
     from speechclas.archive import ArchiveError
+    from speechclas.distribution import DistributionError
     from speechclas.fetch import FetchError
     from speechclas.tracking import tracker_from_env
     from speechclas.train import train
@@ -70,10 +72,63 @@ def train_main(argv: list[str] | None = None) -> int:
     except (DataError, ArchiveError, FetchError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
+    except DistributionError as exc:
+        logger.error("%s", exc)
+        return 1
     except KeyboardInterrupt:
         logger.error("Interrupted: the run folder is left unfinished and will not be served")
         return 130
     print(json.dumps(result.summary(), indent=2))
+    return 0
+
+
+def prepare_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="speechclas-prepare",
+        description="Decode a data folder once into TFRecord shards in the shard cache (SPEECHCLAS_SHARD_CACHE_DIR, "
+        "default data/shards/), as the first training on it would; later trainings with the same clips, split "
+        "and decoding reuse them. key=value parameters of etc/config.yaml set the split and the decoding "
+        "(sample_rate, clip_duration_ms, validation_percentage, testing_percentage, data_splits_dir).",
+    )
+    parser.add_argument("data_dir", metavar="DATA_DIR", help="folder of label folders of clips")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("--config", help="configuration file (default: etc/config.yaml of the project)")
+    parser.add_argument("--jobs", type=int, help="decoding threads (default: the number of CPUs)")
+    parser.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+
+    from pathlib import Path
+
+    from speechclas.audio import AudioLimits
+    from speechclas.config import ConfigError, load_config, parse_cli_overrides
+    from speechclas.data import DataError, index_dataset
+    from speechclas.features import settings_from_config
+    from speechclas.limits import Limits, OperatorSettingError
+    from speechclas.shards import prepare, shard_cache
+
+    try:
+        overrides = {**parse_cli_overrides(args.overrides), "data_dir": args.data_dir}
+        config = load_config(overrides, path=args.config)
+        limits = Limits.from_env()
+    except (ConfigError, OperatorSettingError) as exc:
+        parser.error(str(exc))
+    settings = settings_from_config(config)
+    started = time.monotonic()
+    try:
+        index = index_dataset(Path(args.data_dir), config.wanted_words, config.validation_percentage,
+                              config.testing_percentage, config.path("data_splits_dir"))
+        cache = shard_cache(limits.shard_cache_dir, limits.shard_cache_bytes)
+        with prepare(cache, index, settings.sample_rate, settings.desired_samples, AudioLimits.from_limits(limits),
+                     jobs=args.jobs, progress=not args.no_progress and sys.stderr.isatty()) as prepared:
+            summary = {"shards": str(prepared.folder), "clips": {s: prepared.clip_count(s) for s in prepared.counts},
+                       "files": sum(len(files) for files in prepared.files.values()),
+                       "skipped_clips": len(prepared.skipped), "duration_s": round(time.monotonic() - started, 1)}
+    except DataError as exc:
+        logger.error("%s", exc)
+        return 2
+    print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -148,9 +203,11 @@ def detect_main(argv: list[str] | None = None) -> int:
         description="Find every keyword in a long recording (any length, any format the decoder reads) "
         "and print the JSON predict mode=detect answers: each detection's label, start_s, end_s and "
         "smoothed score. Scores are averaged over --average-window-ms; a label fires above --threshold; "
-        "none fires within --suppression-ms of the previous one.",
+        "none fires within --suppression-ms of the previous one. With --manifest, every recording a file "
+        "lists gets one JSON line in --out, and a job run again goes on where it stopped.",
     )
-    parser.add_argument("source", metavar="AUDIO", help="audio file (wav, flac, ogg, mp3) or http(s) URL of one")
+    parser.add_argument("source", metavar="AUDIO", nargs="?",
+                        help="audio file (wav, flac, ogg, mp3) or http(s) URL of one")
     parser.add_argument("--run", help="run folder in the models folder (default: models/api, else the newest finished run)")
     parser.add_argument("--models-dir", help="folder of trained runs (default: models_dir of etc/config.yaml)")
     parser.add_argument("--threshold", type=float,
@@ -161,9 +218,32 @@ def detect_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--average-window-ms", type=float, help="scores averaged over this time (default: 500)")
     parser.add_argument("--suppression-ms", type=float, help="no detection this soon after another (default: 1500)")
     parser.add_argument("--max-seconds", type=float, help="longest audio accepted (default: 24 h)")
+    parser.add_argument("--manifest", metavar="FILES.txt",
+                        help="detect in every recording this file lists: one path (relative to its folder) or "
+                        "http(s) URL a line; blank lines and # comments are skipped")  # fmt: skip
+    parser.add_argument("--out", metavar="RESULTS.jsonl",
+                        help="with --manifest: one JSON line per recording is appended here; files it already "
+                        "answers are skipped")  # fmt: skip
+    parser.add_argument("--jobs", type=int, help="with --manifest: worker processes (default: the number of CPUs; "
+                        "with --engine ray, the cluster's CPUs)")  # fmt: skip
+    parser.add_argument("--engine", choices=("pool", "ray"),
+                        help="with --manifest: pool, processes on this machine (default), or ray, Ray Data on the "
+                        "cluster of RAY_ADDRESS, else a local Ray (pip install 'speechclas[ray]')")  # fmt: skip
+    parser.add_argument("--retry-errors", action="store_true",
+                        help="with --manifest: detect again in the files --out holds an error line for")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
+    if args.manifest and args.source:
+        parser.error("give either one AUDIO file or URL, or --manifest, not both")
+    if not args.manifest and not args.source:
+        parser.error("give an AUDIO file or URL, or --manifest FILES.txt --out RESULTS.jsonl")
+    if args.manifest and not args.out:
+        parser.error("--manifest needs --out RESULTS.jsonl, the file its results are appended to")
+    manifest_only = [name for name, value in (("--out", args.out), ("--jobs", args.jobs), ("--engine", args.engine),
+                                              ("--retry-errors", args.retry_errors)) if value not in (None, False)]  # fmt: skip
+    if manifest_only and not args.manifest:
+        parser.error(f"{', '.join(manifest_only)}: only with --manifest (a job over many recordings)")
     _setup_logging(args.verbose)
 
     from pathlib import Path
@@ -176,6 +256,30 @@ def detect_main(argv: list[str] | None = None) -> int:
     from speechclas.rundir import RunNotFoundError
 
     limits, models_dir = _limits_and_models_dir(parser, args.models_dir)
+    max_seconds, max_seconds_setting = args.max_seconds or CLI_MAX_SECONDS, "--max-seconds of speechclas-detect"
+    if args.manifest:
+        from speechclas.manifest import DetectOptions, JobStopped, ManifestError, detect_manifest
+
+        options = DetectOptions(max_seconds, max_seconds_setting, run=args.run, threshold=args.threshold,
+                                hop_ms=args.hop_ms, average_window_ms=args.average_window_ms,
+                                suppression_ms=args.suppression_ms)  # fmt: skip
+        try:
+            summary = detect_manifest(Path(args.manifest), Path(args.out), models_dir, options, limits=limits,
+                                      jobs=args.jobs, engine=args.engine or "pool", retry_errors=args.retry_errors,
+                                      progress=not args.no_progress and sys.stderr.isatty())  # fmt: skip
+        except (ManifestError, InputError, RunNotFoundError) as exc:
+            logger.error("%s", exc)
+            return 2
+        except JobStopped as exc:
+            logger.error("The job stopped: %s. The lines written are kept in %s; the same command goes on "
+                         "from there", exc, args.out)  # fmt: skip
+            return 1
+        except KeyboardInterrupt:
+            logger.error("Interrupted. The lines written are kept in %s; the same command goes on from there",
+                         args.out)  # fmt: skip
+            return 130
+        print(json.dumps(summary, indent=2))
+        return 0
     is_url = urlsplit(args.source).scheme.lower() in ("http", "https")
     try:
         result = detect_request(
@@ -189,8 +293,8 @@ def detect_main(argv: list[str] | None = None) -> int:
             average_window_ms=args.average_window_ms,
             suppression_ms=args.suppression_ms,
             limits=limits,
-            max_seconds=args.max_seconds or CLI_MAX_SECONDS,
-            max_seconds_setting="--max-seconds of speechclas-detect",
+            max_seconds=max_seconds,
+            max_seconds_setting=max_seconds_setting,
             progress=not args.no_progress and sys.stderr.isatty(),
         )
     except (InputError, AudioError, FetchError, RunNotFoundError) as exc:

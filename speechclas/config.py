@@ -113,6 +113,11 @@ class Config:
     start_checkpoint: str = _field("training_parameters")
     check_nans: bool = _field("training_parameters")
     random_seed: int = _field("training_parameters")
+    data_loading: str = _field("training_parameters")
+    shuffle_buffer: int = _field("training_parameters")
+    distribution: str = _field("training_parameters")
+    replicas: int = _field("training_parameters")
+    collective_timeout_s: float = _field("training_parameters")
     # streaming_evaluation
     streaming_minutes: float = _field("streaming_evaluation")
     streaming_noise_minutes: float = _field("streaming_evaluation")

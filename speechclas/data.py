@@ -250,6 +250,17 @@ def evaluation_examples(
     return paths, labels
 
 
+def decode_clip(
+    data_dir: Path, relative: str, sample_rate: int, desired_samples: int, limits: Limits | AudioLimits | None
+) -> np.ndarray | SkippedClip:
+    """One clip as the model window of int16 samples (audio.place_in_window), or why it cannot be used."""
+    try:
+        decoded = decode_audio(data_dir / relative, sample_rate, name=relative, limits=limits)
+    except AudioError as exc:
+        return SkippedClip(relative, str(exc))
+    return to_int16(place_in_window(decoded.samples, desired_samples)[0])
+
+
 def load_clips(
     data_dir: Path,
     paths: Iterable[str | None],
@@ -274,11 +285,10 @@ def load_clips(
         position, relative = item
         if relative is None:
             return None
-        try:
-            decoded = decode_audio(data_dir / relative, sample_rate, name=relative, limits=limits)
-        except AudioError as exc:
-            return SkippedClip(relative, str(exc))
-        out[position] = to_int16(place_in_window(decoded.samples, desired_samples)[0])
+        clip = decode_clip(data_dir, relative, sample_rate, desired_samples, limits)
+        if isinstance(clip, SkippedClip):
+            return clip
+        out[position] = clip
         return None
 
     with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -89,6 +89,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("download_cache_bytes", "int", 20 * GiB,
             "Total size of data/downloads/, the unpacked `data_url` archives; the least recently used "
             "are removed first (bytes).", 0),
+    Setting("shard_cache_dir", "str", "",
+            "Folder of the prepared datasets (every training decodes its data folder once into TFRecord "
+            "shards there, reused by later trainings of the same clips). Empty: the project's data/shards/."),
+    Setting("shard_cache_bytes", "int", 50 * GiB,
+            "Total size of the prepared datasets; the least recently used are removed first, never one a "
+            "training reads (bytes).", 0),
+    Setting("in_memory_max_mb", "int", 1024,
+            "Decoded clips (every split) up to which `data_loading=auto` holds a training's clips in memory; "
+            "above it the training streams them from their shards (MB).", 0),
     Setting("max_train_steps", "int", 50_000, "Total steps of one API training (sum of the stages).", 1),
     Setting("max_batch_size", "int", 1024, "`batch_size` of an API training.", 1),
     Setting("max_clip_duration_ms", "int", 3000, "`clip_duration_ms` of an API training (ms).", 1),
@@ -134,6 +143,9 @@ class Limits:
     data_url_max_bytes: int
     data_url_deadline_s: float
     download_cache_bytes: int
+    shard_cache_dir: str
+    shard_cache_bytes: int
+    in_memory_max_mb: int
     max_train_steps: int
     max_batch_size: int
     max_clip_duration_ms: int

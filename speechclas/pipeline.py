@@ -19,6 +19,7 @@ import logging
 import numpy as np
 import tensorflow as tf
 
+from speechclas import shards
 from speechclas.features import FeatureSettings, compute_features
 
 # The random draws of one batch, each from its own seed (folded in from the
@@ -246,18 +247,100 @@ def augmented_batch(
     return features, targets
 
 
-def training_dataset(
-    data: TrainingAudio,
-    feature_settings: FeatureSettings,
-    augment_settings: AugmentSettings,
-    batch_size: int,
-    silence_percentage: float,
-    unknown_percentage: float,
-    seed: int,
-) -> tf.data.Dataset:
-    """An endless dataset of (features [batch, time, features, 1], targets
-    [batch, label_count]): one-hot, or mixed by mixup. The same seed gives
-    the same batches."""
+@dataclasses.dataclass(frozen=True)
+class ShardSource:
+    """Training clips streamed from shards on disk (speechclas.shards): what a dataset larger
+    than memory trains from. Only `shuffle_buffer` clips per stream are held at once."""
+
+    files: tuple[str, ...]  # the training split's shard files
+    labels: tuple[str, ...]  # the classes, as data.labels_for orders them
+    unknown_label: int
+    silence_label: int
+    has_unknown: bool  # whether any clip of the files is of another word
+    background: np.ndarray  # float32 [noise samples], may be empty
+    desired_samples: int
+    shuffle_buffer: int
+
+    @property
+    def label_count(self) -> int:
+        return len(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputShard:
+    """Which part of the data one input pipeline reads (tf.distribute.InputContext's fields)."""
+
+    count: int = 1
+    index: int = 0
+
+    @classmethod
+    def of(cls, context) -> InputShard:
+        return cls() if context is None else cls(context.num_input_pipelines, context.input_pipeline_id)
+
+
+def class_table(labels: tuple[str, ...], unknown_label: int) -> tf.lookup.StaticHashTable:
+    """Folder name -> class index; folders that are not wanted words are _unknown_."""
+    words = list(labels[2:])
+    return tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(words or [""], tf.string),
+                                            tf.constant(list(range(2, 2 + len(words))) or [unknown_label], tf.int32)),
+        default_value=unknown_label,
+    )
+
+
+def _shard_records(files: tuple[str, ...], part: InputShard, seed: int) -> tf.data.Dataset:
+    """The serialized records of `files`, endlessly, in a seeded order: files shuffled every
+    pass and read interleaved. With several input pipelines each reads its own files (or,
+    with fewer files than pipelines, every count-th record)."""
+    names = tf.data.Dataset.from_tensor_slices(list(files))
+    by_file = len(files) >= part.count
+    if part.count > 1 and by_file:
+        names = names.shard(part.count, part.index)
+    own = len(files) // part.count if by_file else len(files)
+    records = (
+        names.shuffle(max(own, 1), seed=seed, reshuffle_each_iteration=True)
+        .repeat()
+        .interleave(tf.data.TFRecordDataset, cycle_length=max(1, min(own, 16)), block_length=1,
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    )
+    if part.count > 1 and not by_file:
+        records = records.shard(part.count, part.index)
+    return records
+
+
+def _stream_elements(data: ShardSource, silence_percentage: float, unknown_percentage: float, seed: int,
+                     part: InputShard) -> tf.data.Dataset:
+    """(int16 audio, label) of the shards: wanted words, unknown words and silence at their shares,
+    each kind through its own shuffle buffer."""
+    table = class_table(data.labels, data.unknown_label)
+
+    def kind(wanted: bool, kind_seed: int) -> tf.data.Dataset:
+        def keep(serialized):
+            is_unknown = tf.equal(table.lookup(shards.parse_label(serialized)), data.unknown_label)
+            return tf.logical_not(is_unknown) if wanted else is_unknown
+
+        def decode(serialized):
+            record = shards.parse(serialized, data.desired_samples)
+            return record["audio"], table.lookup(record["label"])
+
+        return (_shard_records(data.files, part, kind_seed).filter(keep)
+                .shuffle(data.shuffle_buffer, seed=kind_seed).map(decode, num_parallel_calls=tf.data.AUTOTUNE))
+
+    sources, weights = [kind(True, seed)], [100.0]
+    if data.has_unknown and unknown_percentage > 0:
+        sources.append(kind(False, seed + 1))
+        weights.append(unknown_percentage)
+    if silence_percentage > 0:
+        silence = (tf.zeros([data.desired_samples], tf.int16), tf.constant(data.silence_label, tf.int32))
+        sources.append(tf.data.Dataset.from_tensors(silence).repeat())
+        weights.append(silence_percentage)
+    total = sum(weights)
+    return tf.data.Dataset.sample_from_datasets(sources, weights=[w / total for w in weights], seed=seed)
+
+
+def _memory_elements(data: TrainingAudio, silence_percentage: float, unknown_percentage: float, seed: int):
+    """Row indices of clips held in memory, sampled as _stream_elements samples shards, and the
+    function that looks a batch of them up: (int16 audio, labels)."""
     all_audio = np.concatenate(
         [data.wanted_audio, data.unknown_audio, np.zeros((1, data.wanted_audio.shape[1]), np.int16)]
     )
@@ -280,41 +363,136 @@ def training_dataset(
         weights.append(silence_percentage)
     total = sum(weights)
     indices = tf.data.Dataset.sample_from_datasets(sources, weights=[w / total for w in weights], seed=seed)
-
     audio_table = tf.constant(all_audio)
     label_table = tf.constant(all_labels)
+    return indices, lambda rows: (tf.gather(audio_table, rows), tf.gather(label_table, rows))
+
+
+def training_dataset(
+    data: TrainingAudio | ShardSource,
+    feature_settings: FeatureSettings,
+    augment_settings: AugmentSettings,
+    batch_size: int,
+    silence_percentage: float,
+    unknown_percentage: float,
+    seed: int,
+    part: InputShard = InputShard(),
+    augment_in_pipeline: bool = True,
+) -> tf.data.Dataset:
+    """An endless dataset of (features [batch, time, features, 1], targets
+    [batch, label_count]): one-hot, or mixed by mixup. The same seed gives
+    the same batches.
+
+    `part`: which input pipeline of several this is (tf.distribute); each
+    draws its own batches. Without `augment_in_pipeline` it answers
+    (int16 audio [batch, samples], labels, seed [2]) and the train step
+    augments and computes the features itself (`augmented_batch`), on its device.
+    """
+    pipeline_seed = seed + 7919 * part.index
+    if isinstance(data, ShardSource):
+        elements = _stream_elements(data, silence_percentage, unknown_percentage, pipeline_seed, part)
+        look_up = None
+    else:  # a batch of rows is gathered at once
+        elements, look_up = _memory_elements(data, silence_percentage, unknown_percentage, pipeline_seed)
     background = tf.constant(data.background.astype(np.float32))
 
-    def make_batch(batch_number, batch_indices):
-        labels = tf.gather(label_table, batch_indices)
-        audio = _to_float(tf.gather(audio_table, batch_indices))
-        batch_seed = tf.stack([tf.constant(seed, tf.int64), batch_number])
+    def make_batch(batch_number, batch):
+        audio, labels = batch if look_up is None else look_up(batch)
+        batch_seed = tf.stack([tf.constant(seed, tf.int64), batch_number * part.count + part.index])
+        if not augment_in_pipeline:
+            return audio, labels, batch_seed
         return augmented_batch(
-            audio, labels, background, feature_settings, augment_settings, data.label_count, batch_seed
+            _to_float(audio), labels, background, feature_settings, augment_settings, data.label_count, batch_seed
         )
 
     return (
-        indices.batch(batch_size, drop_remainder=True)
+        elements.batch(batch_size, drop_remainder=True)
         .enumerate()
         .map(make_batch, num_parallel_calls=tf.data.AUTOTUNE)
         .prefetch(tf.data.AUTOTUNE)
     )
 
 
-def evaluation_dataset(
-    audio_int16: np.ndarray, labels: np.ndarray, feature_settings: FeatureSettings, batch_size: int
-) -> tf.data.Dataset:
-    """One pass over fixed clips, features only: no augmentation. The features
-    never change, so they are computed on the first pass and cached (16 KB a
-    clip), and every later evaluation only runs the model."""
+@dataclasses.dataclass(frozen=True)
+class ShardEvaluation:
+    """A fixed evaluation set of one split read from its shards, as data.evaluation_examples
+    chooses one in memory: every wanted clip, a seeded share of the unknown clips (chosen by a
+    keyed hash of the path, so the same clips each pass) and `silence_count` rows of seeded noise."""
+
+    files: tuple[str, ...]
+    labels: tuple[str, ...]
+    unknown_label: int
+    silence_label: int
+    desired_samples: int
+    unknown_share: float  # of the split's unknown clips, 0 to 1
+    silence_count: int
+    background: np.ndarray  # float32
+    seed: int
+
+
+def evaluation_elements(source: ShardEvaluation) -> tf.data.Dataset:
+    """(int16 audio, label) of a ShardEvaluation, in the shards' order, then the silence rows."""
+    table = class_table(source.labels, source.unknown_label)
+    buckets = 1 << 30
+
+    def keep(serialized):
+        record = shards.parse(serialized, source.desired_samples)
+        is_unknown = tf.equal(table.lookup(record["label"]), source.unknown_label)
+        chosen = tf.strings.to_hash_bucket_strong(record["path"], buckets, key=[source.seed, 0]) < int(
+            source.unknown_share * buckets)
+        return tf.logical_or(tf.logical_not(is_unknown), chosen)
+
+    def decode(serialized):
+        record = shards.parse(serialized, source.desired_samples)
+        return record["audio"], table.lookup(record["label"])
+
+    clips = tf.data.TFRecordDataset(list(source.files)).filter(keep).map(decode)
+    if source.silence_count == 0:
+        return clips
+    background = tf.constant(source.background.astype(np.float32))
+    samples = source.desired_samples
+    room = len(source.background) - samples + 1
+
+    def noise(row):
+        row_seed = tf.stack([tf.constant(source.seed, tf.int64), row])
+        if room <= 0:
+            return tf.zeros([samples], tf.int16), tf.constant(source.silence_label, tf.int32)
+        start = tf.random.stateless_uniform([], row_seed, 0, room, dtype=tf.int32)
+        volume = tf.random.stateless_uniform([], _seed(row_seed, 1))
+        window = tf.clip_by_value(background[start : start + samples] * volume, -1.0, 1.0)
+        return tf.cast(tf.round(window * 32767.0), tf.int16), tf.constant(source.silence_label, tf.int32)
+
+    return clips.concatenate(tf.data.Dataset.range(source.silence_count).map(noise))
+
+
+def evaluation_batches(elements: tf.data.Dataset, feature_settings: FeatureSettings, batch_size: int,
+                       cache: bool = True) -> tf.data.Dataset:
+    """Batches of (features, labels) of (int16 audio, label) elements: no augmentation. With
+    `cache` the features, which never change, are kept from the first pass (16 KB a clip for the
+    defaults), so every later evaluation only runs the model."""
 
     def make_batch(audio, batch_labels):
         return compute_features(_to_float(audio), feature_settings), batch_labels
 
-    return (
-        tf.data.Dataset.from_tensor_slices((audio_int16, labels.astype(np.int32)))
-        .batch(batch_size)
-        .map(make_batch, num_parallel_calls=tf.data.AUTOTUNE)
-        .cache()
-        .prefetch(tf.data.AUTOTUNE)
-    )
+    batches = elements.batch(batch_size).map(make_batch, num_parallel_calls=tf.data.AUTOTUNE)
+    return (batches.cache() if cache else batches).prefetch(tf.data.AUTOTUNE)
+
+
+def evaluation_dataset(
+    audio_int16: np.ndarray, labels: np.ndarray, feature_settings: FeatureSettings, batch_size: int
+) -> tf.data.Dataset:
+    """One pass over fixed clips held in memory (evaluation_batches, cached)."""
+    elements = tf.data.Dataset.from_tensor_slices((audio_int16, labels.astype(np.int32)))
+    return evaluation_batches(elements, feature_settings, batch_size)
+
+
+def take_clips(elements: tf.data.Dataset, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most `limit` (int16 audio, label) elements as arrays [n, samples] and [n]: the bounded
+    sample of a split that streaming evaluation and the exports' accuracies score."""
+    audio, labels = [], []
+    for clip, label in elements.take(limit).batch(1024):
+        audio.append(clip.numpy())
+        labels.append(label.numpy())
+    if not audio:
+        return np.zeros((0, 0), np.int16), np.zeros((0,), np.int32)
+    return np.concatenate(audio), np.concatenate(labels).astype(np.int32)

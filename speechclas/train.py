@@ -10,11 +10,13 @@ Everything a run writes goes into its own models/<timestamp>/ folder.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -29,15 +31,18 @@ from speechclas import (
     confine,
     data,
     datasource,
+    distribution,
     export,
     export_accuracy,
     metrics,
     normalization,
     pipeline,
+    shards,
     streaming,
     tracking,
     voices,
 )
+from speechclas.audio import AudioLimits
 from speechclas.config import Config
 from speechclas.features import FeatureSettings, settings_from_config
 from speechclas.limits import Limits
@@ -53,6 +58,11 @@ SKIPPED_EXAMPLES = 10
 REPRESENTATIVE_EXAMPLES = 300
 # Training examples (augmented) whose per-bin statistics feature_normalization=dataset keeps.
 NORMALIZATION_EXAMPLES = 1000
+# A streamed dataset's evaluation features are cached in memory up to this size, else recomputed each pass.
+EVAL_CACHE_BYTES = 512 * 2**20
+# Clips of a streamed split (in the shards' seeded order) that the exports' accuracies and the
+# streaming evaluation score: 16 MB a split, and more than a 2-hour evaluation stream uses.
+SAMPLED_CLIPS = 5000
 
 
 class TrainingCancelled(Exception):
@@ -61,12 +71,15 @@ class TrainingCancelled(Exception):
 
 @dataclasses.dataclass
 class TrainingResult:
-    run: RunDir
+    run: RunDir | None  # None on a multi_worker worker other than the chief
     metrics: dict
     exports: dict[str, str]
 
     def summary(self) -> dict:
-        """What a caller shows: where it went and how good it is."""
+        """What a caller shows: where it went and how good it is (a multi_worker worker: its part)."""
+        if self.run is None:
+            return {"run": None, "task": self.metrics["task"], "steps": self.metrics["steps"],
+                    "duration_s": self.metrics["duration_s"]}
         return {
             "run": self.run.name,
             "run_dir": str(self.run.root),
@@ -83,11 +96,47 @@ class TrainingResult:
 
 @dataclasses.dataclass(frozen=True)
 class PreparedData:
+    """A training's clips: in memory (`training` a TrainingAudio, `evaluation` arrays) or streamed
+    from their shards (`training` a ShardSource, `evaluation_sources` per split)."""
+
     index: data.DatasetIndex
-    training: pipeline.TrainingAudio
-    evaluation: dict[str, tuple[np.ndarray, np.ndarray]]  # split -> (int16 audio, labels)
+    training: pipeline.TrainingAudio | pipeline.ShardSource
+    evaluation: dict[str, tuple[np.ndarray, np.ndarray]] | None  # split -> (int16 audio, labels); None: streamed
     skipped: tuple[data.SkippedClip, ...] = ()  # files left out, each once
-    synthetic: voices.SyntheticClips | None = None  # clips of synthetic_voices added to training
+    synthetic: shards.ShardSet | None = None  # clips of synthetic_voices added to training
+    evaluation_sources: dict[str, pipeline.ShardEvaluation] | None = None  # split -> its shards; streamed only
+    shards: shards.ShardSet | None = None  # the data folder's prepared clips
+
+    @property
+    def streamed(self) -> bool:
+        return self.evaluation is None
+
+    @property
+    def background(self) -> np.ndarray:
+        return self.training.background
+
+    def evaluation_elements(self, split: str) -> tf.data.Dataset:
+        """(int16 audio, label) of a split's fixed evaluation set, in memory or from its shards."""
+        if self.evaluation is not None:
+            audio, labels = self.evaluation[split]
+            return tf.data.Dataset.from_tensor_slices((audio, labels.astype(np.int32)))
+        return pipeline.evaluation_elements(self.evaluation_sources[split])
+
+    def evaluation_size(self, split: str) -> int:
+        if self.evaluation is not None:
+            return len(self.evaluation[split][1])
+        source = self.evaluation_sources[split]
+        counts = self.shards.counts[split]
+        wanted = sum(counts.get(word, 0) for word in self.index.labels[2:])
+        other = sum(n for word, n in counts.items() if word not in self.index.labels)
+        return wanted + round(other * source.unknown_share) + source.silence_count
+
+    def clips(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """A split's evaluation clips as arrays, for the exports' accuracies and the streaming
+        evaluation: all of them in memory, the first SAMPLED_CLIPS of the shards when streamed."""
+        if self.evaluation is not None:
+            return self.evaluation[split]
+        return pipeline.take_clips(self.evaluation_elements(split), SAMPLED_CLIPS)
 
     def skipped_summary(self) -> dict:
         """How many files were left out and a few of them, for metrics.json."""
@@ -101,46 +150,91 @@ class PreparedData:
         clips = self.synthetic
         if clips is None:
             return {"clips": 0, "words": 0, "failed": 0, "failed_examples": []}
-        return {"clips": len(clips.words), "words": len(set(clips.words)), "failed": len(clips.failures),
+        failures = clips.extra.get("failures", [])
+        return {"clips": clips.clip_count(shards.SYNTHETIC_SPLIT), "words": len(clips.counts[shards.SYNTHETIC_SPLIT]),
+                "failed": len(failures),
                 "failed_examples": [{"word": word, "speaker": speaker, "error": reason}
-                                    for word, speaker, reason in clips.failures[:SKIPPED_EXAMPLES]]}
+                                    for word, speaker, reason in failures[:SKIPPED_EXAMPLES]]}
+
+
+def training_clip_bytes(index: data.DatasetIndex, settings: FeatureSettings) -> int:
+    """What holding a folder's clips in memory takes (int16, every split)."""
+    return sum(len(index.splits[split]) for split in data.SPLITS) * settings.desired_samples * 2
+
+
+def loads_in_memory(config: Config, settings: FeatureSettings, index: data.DatasetIndex, limits: Limits) -> bool:
+    """data_loading's choice: auto holds the clips in memory when they fit the operator's
+    in_memory_max_mb (faster there: batches are gathered, not parsed), else streams them."""
+    if config.data_loading != "auto":
+        return config.data_loading == "memory"
+    return training_clip_bytes(index, settings) <= limits.in_memory_max_mb * 2**20
 
 
 def prepare_data(
-    config: Config, settings: FeatureSettings, data_dir: Path, splits_dir: Path, limits: Limits | None = None
+    config: Config, settings: FeatureSettings, data_dir: Path, splits_dir: Path, limits: Limits | None = None,
+    held: contextlib.ExitStack | None = None, base_dir: Path | None = None, progress: bool = False,
 ) -> PreparedData:
-    """Index, split and load every clip once; errors here come before any run folder.
+    """Index and split the folder, decode its clips once into shards (or reuse those of an
+    earlier training, speechclas.shards), then hold them in memory or stream them
+    (`loads_in_memory`); errors here come before any run folder.
 
     A clip that cannot be decoded or breaks the audio `limits` (default: the
     operator defaults) is skipped with its label, logged and counted; only a
     training split (or a wanted word) left without any usable clip is fatal.
+    The shards are kept from eviction until `held` closes (without it, only while preparing).
     """
+    limits = limits or Limits.defaults()
     index = data.index_dataset(
         data_dir, config.wanted_words, config.validation_percentage, config.testing_percentage, splits_dir
     )
-    skipped: dict[str, data.SkippedClip] = {}
+    cache = shards.shard_cache(limits.shard_cache_dir, limits.shard_cache_bytes, base_dir)
+    with contextlib.ExitStack() as local:
+        stack = held if held is not None else local
+        prepared = stack.enter_context(shards.prepare(
+            cache, index, settings.sample_rate, settings.desired_samples, AudioLimits.from_limits(limits),
+            progress=progress))
+        skipped = {clip.path: clip for clip in prepared.skipped}
+        synthetic = synthesize_training_clips(config, settings, sorted({e.word for e in index.splits["training"]}),
+                                              cache, stack)
+        background, skipped_noise = data.load_background(
+            data_dir, index.background_files, settings.sample_rate, settings.desired_samples, limits=limits
+        )
+        skipped.update((clip.path, clip) for clip in skipped_noise)
+        _check_usable(index, skipped, data_dir)
+        if loads_in_memory(config, settings, index, limits):
+            return _in_memory(config, index, prepared, synthetic, background, tuple(skipped.values()))
+        logger.info("Streaming the training clips from %s (data_loading=%s)", prepared.folder, config.data_loading)
+        return _streamed(config, index, prepared, synthetic, background, tuple(skipped.values()))
 
-    def load(paths) -> data.LoadedClips:
-        loaded = data.load_clips(data_dir, paths, settings.sample_rate, settings.desired_samples, limits=limits)
-        skipped.update((clip.path, clip) for clip in loaded.skipped)
-        return loaded
+
+def _in_memory(config: Config, index: data.DatasetIndex, prepared: shards.ShardSet,
+               synthetic: shards.ShardSet | None, background: np.ndarray, skipped) -> PreparedData:
+    """Every clip of the shards in memory, in the index's order, as the training pipeline samples them."""
+    samples = prepared.desired_samples
+    clips = {clip.path: clip.audio for split in data.SPLITS
+             for clip in shards.read_clips(prepared.split_files(split), samples)}
+
+    def rows(paths) -> tuple[np.ndarray, list[int]]:
+        kept = [i for i, path in enumerate(paths) if path is None or path in clips]
+        audio = np.zeros((len(kept), samples), np.int16)
+        for row, i in enumerate(kept):
+            if paths[i] is not None:
+                audio[row] = clips[paths[i]]
+        return audio, kept
 
     wanted = index.wanted("training")
-    wanted_loaded = load(e.path for e in wanted)
-    unknown = index.unknown("training")
-    unknown_loaded = load(e.path for e in unknown)
-    synthetic = synthesize_training_clips(config, settings, sorted({e.word for e in (*wanted, *unknown)}))
-    background, skipped_noise = data.load_background(
-        data_dir, index.background_files, settings.sample_rate, settings.desired_samples, limits=limits
-    )
-    skipped.update((clip.path, clip) for clip in skipped_noise)
-    wanted_labels = [index.label_index(wanted[i].word) for i in wanted_loaded.kept]
-    wanted_audio, unknown_audio = wanted_loaded.audio, unknown_loaded.audio
+    wanted_audio, kept = rows([e.path for e in wanted])
+    wanted_labels = [index.label_index(wanted[i].word) for i in kept]
+    unknown_audio, _ = rows([e.path for e in index.unknown("training")])
     if synthetic is not None:
-        said_wanted = np.array([word in index.labels for word in synthetic.words], bool)
-        wanted_audio = np.concatenate([wanted_audio, synthetic.audio[said_wanted]])
-        wanted_labels += [index.label_index(word) for word in np.array(synthetic.words)[said_wanted]]
-        unknown_audio = np.concatenate([unknown_audio, synthetic.audio[~said_wanted]])
+        said = shards.read_clips(synthetic.split_files(shards.SYNTHETIC_SPLIT), samples)
+        said_wanted = [clip for clip in said if clip.label in index.labels]
+        said_other = [clip.audio for clip in said if clip.label not in index.labels]
+        if said_wanted:
+            wanted_audio = np.concatenate([wanted_audio, np.stack([clip.audio for clip in said_wanted])])
+            wanted_labels += [index.label_index(clip.label) for clip in said_wanted]
+        if said_other:
+            unknown_audio = np.concatenate([unknown_audio, np.stack(said_other)])
     training = pipeline.TrainingAudio(
         wanted_audio=wanted_audio,
         wanted_labels=np.array(wanted_labels, np.int32),
@@ -155,27 +249,73 @@ def prepare_data(
         paths, labels = data.evaluation_examples(
             index, split, config.silence_percentage, config.unknown_percentage, config.random_seed
         )
-        loaded = load(paths)
-        silent = np.flatnonzero([paths[i] is None for i in loaded.kept])
-        data.fill_silence(loaded.audio, silent, training.background, seed=config.random_seed + number)
-        evaluation[split] = (loaded.audio, np.array(labels, np.int32)[loaded.kept])
-    _check_usable(index, skipped, data_dir)
-    return PreparedData(index=index, training=training, evaluation=evaluation, skipped=tuple(skipped.values()),
-                        synthetic=synthetic)
+        audio, kept = rows(paths)
+        silent = np.flatnonzero([paths[i] is None for i in kept])
+        data.fill_silence(audio, silent, background, seed=config.random_seed + number)
+        evaluation[split] = (audio, np.array(labels, np.int32)[kept])
+    return PreparedData(index=index, training=training, evaluation=evaluation, skipped=skipped,
+                        synthetic=synthetic, shards=prepared)
+
+
+def _streamed(config: Config, index: data.DatasetIndex, prepared: shards.ShardSet,
+              synthetic: shards.ShardSet | None, background: np.ndarray, skipped) -> PreparedData:
+    """The training and evaluation sets read from the shards as they train: memory set by the shuffle buffer."""
+    wanted_words = index.labels[2:]
+    files = prepared.split_files("training")
+    has_unknown = prepared.clip_count("training") > prepared.clip_count("training", wanted_words)
+    if synthetic is not None:
+        files += synthetic.split_files(shards.SYNTHETIC_SPLIT)
+        said = synthetic.counts[shards.SYNTHETIC_SPLIT]
+        has_unknown = has_unknown or any(word not in wanted_words for word in said)
+    unknown_label, silence_label = index.label_index(data.UNKNOWN_LABEL), index.label_index(data.SILENCE_LABEL)
+    training = pipeline.ShardSource(
+        files=tuple(files), labels=index.labels, unknown_label=unknown_label, silence_label=silence_label,
+        has_unknown=has_unknown, background=background, desired_samples=prepared.desired_samples,
+        shuffle_buffer=config.shuffle_buffer,
+    )
+    sources = {}
+    for number, split in enumerate(data.SPLITS):
+        wanted = prepared.clip_count(split, wanted_words)
+        other = prepared.clip_count(split) - wanted
+        unknown_wanted = math.ceil(wanted * config.unknown_percentage / 100)
+        sources[split] = pipeline.ShardEvaluation(
+            files=tuple(prepared.split_files(split)), labels=index.labels, unknown_label=unknown_label,
+            silence_label=silence_label, desired_samples=prepared.desired_samples,
+            unknown_share=min(1.0, unknown_wanted / other) if other else 0.0,
+            silence_count=math.ceil(wanted * config.silence_percentage / 100) if wanted else 0,
+            background=background, seed=config.random_seed + number,
+        )
+    return PreparedData(index=index, training=training, evaluation=None, skipped=skipped, synthetic=synthetic,
+                        evaluation_sources=sources, shards=prepared)
 
 
 def synthesize_training_clips(
-    config: Config, settings: FeatureSettings, words: list[str]
-) -> voices.SyntheticClips | None:
+    config: Config, settings: FeatureSettings, words: list[str], cache: shards.ShardCache,
+    held: contextlib.ExitStack,
+) -> shards.ShardSet | None:
     """The training words said by `config.synthetic_speakers` speakers of each engine of
-    `config.synthetic_voices` (None when it is empty); an engine that cannot run is a DataError."""
+    `config.synthetic_voices` (None when it is empty), as shards in the cache: said once, reused by
+    a later training with the same words, engines, speakers and seed. An engine that cannot run is a DataError."""
     if not config.synthetic_voices:
         return None
-    try:
-        return voices.synthesize_clips(
+    description = {"words": sorted(words), "engines": list(config.synthetic_voices),
+                   "speakers": config.synthetic_speakers, "seed": config.random_seed,
+                   "sample_rate": settings.sample_rate, "desired_samples": settings.desired_samples}
+
+    def say(staging: Path) -> dict:
+        said = voices.synthesize_clips(
             words, config.synthetic_voices, config.synthetic_speakers, config.random_seed, settings.sample_rate,
             settings.desired_samples, jobs=os.cpu_count() or 1,
         )
+        clips = (shards.Clip(audio, word, "synthetic", shards.SYNTHETIC_SPLIT, f"synthetic/{number}/{word}")
+                 for number, (audio, word) in enumerate(zip(said.audio, said.words, strict=True)))
+        return shards.write_clips(staging, shards.SYNTHETIC_SPLIT, clips, settings.sample_rate,
+                                  settings.desired_samples, failures=[list(f) for f in said.failures],
+                                  synthetic=description)
+
+    try:
+        voices.check_engines(config.synthetic_voices)
+        return held.enter_context(shards.open_entry(cache, shards.synthetic_key(description), say))
     except voices.VoicesError as exc:
         raise data.DataError(str(exc)) from None
 
@@ -255,17 +395,20 @@ def learning_rate_at(step: int, config: Config) -> float:
     return stage_learning_rate(step, steps, rates)
 
 
-def training_pipeline(config: Config, settings: FeatureSettings, audio: pipeline.TrainingAudio) -> tf.data.Dataset:
-    """The augmenting, endless training dataset for this configuration: batches
-    of (features, targets float32 [batch, labels]), targets being probability vectors."""
+def training_pipeline(config: Config, settings: FeatureSettings, audio, batch_size: int | None = None,
+                      part: pipeline.InputShard | None = None) -> tf.data.Dataset:
+    """The augmenting, endless training dataset for this configuration (clips in memory or
+    streamed): batches of (features, targets float32 [batch, labels]), targets being probability
+    vectors; `batch_size` (default: the configured one) and `part` serve distributed input."""
     augment_settings = pipeline.augment_settings_from_config(config, settings, audio.silence_label)
     return pipeline.training_dataset(
-        audio, settings, augment_settings, config.batch_size,
-        config.silence_percentage, config.unknown_percentage, config.random_seed,
+        audio, settings, augment_settings, batch_size or config.batch_size,
+        config.silence_percentage, config.unknown_percentage, config.random_seed, part=part or pipeline.InputShard(),
     )
 
 
-def make_train_step(model, optimizer, global_step: tf.Variable, check_nans: bool, label_smoothing: float = 0.0):
+def make_train_step(model, optimizer, global_step: tf.Variable, check_nans: bool, label_smoothing: float = 0.0,
+                    strategy: tf.distribute.Strategy | None = None):
     """One compiled optimisation step: (features, targets) -> (loss, accuracy).
 
     Targets are probability vectors [batch, labels] (one-hot or mixed); the loss
@@ -273,11 +416,16 @@ def make_train_step(model, optimizer, global_step: tf.Variable, check_nans: bool
     the accuracy the share of argmax agreement. The model runs with
     training=True here only (dropout on, batch-norm statistics updated); every
     evaluation calls it with training=False.
+
+    Under a `strategy` the inputs are per-replica batches: each replica runs the
+    step on its own, Keras's loss divides by the number of replicas and the
+    optimizer sums the gradients across them, so a step is one step of the global
+    batch; the loss answered is the global batch's, the accuracy the replicas' mean.
+    The step counter is counted once, outside the replicas.
     """
     loss_fn = tf.keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing)
 
-    @tf.function
-    def train_step(features, targets):
+    def replica_step(features, targets):
         with tf.GradientTape() as tape:
             logits = model(features, training=True)
             loss = loss_fn(targets, logits)
@@ -286,9 +434,18 @@ def make_train_step(model, optimizer, global_step: tf.Variable, check_nans: bool
             loss = tf.debugging.check_numerics(loss, "training loss is not finite")
             gradients = [tf.debugging.check_numerics(g, "a gradient is not finite") for g in gradients]
         optimizer.apply_gradients(zip(gradients, model.trainable_variables, strict=True))
-        global_step.assign_add(1)
         agree = tf.equal(tf.argmax(logits, axis=-1), tf.argmax(targets, axis=-1))
-        accuracy = tf.reduce_mean(tf.cast(agree, tf.float32))
+        return loss, tf.reduce_mean(tf.cast(agree, tf.float32))
+
+    @tf.function
+    def train_step(features, targets):
+        if strategy is None:
+            loss, accuracy = replica_step(features, targets)
+        else:
+            losses, accuracies = strategy.run(replica_step, args=(features, targets))
+            loss = strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
+            accuracy = strategy.reduce(tf.distribute.ReduceOp.MEAN, accuracies, axis=None)
+        global_step.assign_add(1)
         return loss, accuracy
 
     return train_step
@@ -409,20 +566,45 @@ def train(
     """
     tracker = tracker or tracking.Tracker()
     started = time.monotonic()
+    # First: multi_worker reads TF_CONFIG and starts its servers before any other TensorFlow call.
+    placement = distribution.place(config.distribution, config.replicas, config.collective_timeout_s)
     settings = settings_from_config(config)
     limits = limits or Limits.defaults()
-    with datasource.open_data_dir(config, base_dir, limits) as source:
-        data_dir = source.data_dir
-        splits_dir = config.path("data_splits_dir", base_dir)
-        if confined:  # a data_url's clips are known only now
-            confine.check_memory(config, settings, data_dir, splits_dir, limits)
-        prepared = prepare_data(config, settings, data_dir, splits_dir, limits)
-    index = prepared.index
-    start_checkpoint = _resolve_checkpoint(config.start_checkpoint) if config.start_checkpoint else None
+    with contextlib.ExitStack() as held:
+        with datasource.open_data_dir(config, base_dir, limits) as source:
+            data_dir = source.data_dir
+            splits_dir = config.path("data_splits_dir", base_dir)
+            if confined:  # a data_url's clips are known only now
+                confine.check_memory(config, settings, data_dir, splits_dir, limits)
+            prepared = prepare_data(config, settings, data_dir, splits_dir, limits, held=held, base_dir=base_dir,
+                                    progress=progress)
+        start_checkpoint = _resolve_checkpoint(config.start_checkpoint) if config.start_checkpoint else None
+        if not placement.is_chief:
+            return _train_as_worker(config, settings, prepared, placement, start_checkpoint, progress, started)
+        return _train_as_chief(config, settings, prepared, placement, source, start_checkpoint, base_dir, progress,
+                               cancel, on_step, tracker, started)
 
+
+def _train_as_worker(config, settings, prepared, placement, start_checkpoint, progress, started) -> TrainingResult:
+    """A multi_worker worker other than the chief: the same steps, its checkpoints in a temporary
+    folder of its own (removed at the end), no run folder, no exports."""
+    with tempfile.TemporaryDirectory(prefix="speechclas-worker-") as scratch:
+        run = create_run_dir(Path(scratch))
+        logger.info("Training as %s of the cluster; the chief writes the run", placement.task)
+        state = _fit_in_run(config, settings, prepared, run, placement, start_checkpoint=start_checkpoint,
+                            control=LoopControl(progress), tracker=tracking.Tracker())[0]
+        steps = state.step
+    return TrainingResult(run=None, metrics={"steps": steps, "duration_s": round(time.monotonic() - started, 1),
+                                             "task": placement.task}, exports={})
+
+
+def _train_as_chief(config, settings, prepared, placement, source, start_checkpoint, base_dir, progress, cancel,
+                    on_step, tracker, started) -> TrainingResult:
+    """The one process that writes the run folder: every training but a multi_worker worker's."""
+    index = prepared.index
     run = create_run_dir(config.path("models_dir", base_dir))
     with _RunLogFile(run.logs / "train.log"):
-        logger.info("Training run %s (%s) on %s", run.name, config.model_architecture, data_dir)
+        logger.info("Training run %s (%s) on %s", run.name, config.model_architecture, source.data_dir)
         if prepared.skipped:
             logger.warning("Skipped %d files that cannot be used (metrics.json lists %d): %s", len(prepared.skipped),
                            SKIPPED_EXAMPLES, "; ".join(clip.path for clip in prepared.skipped[:SKIPPED_EXAMPLES]))
@@ -434,10 +616,13 @@ def train(
         run.labels_path.write_text("".join(f"{label}\n" for label in index.labels))
         data.write_split_lists(index, run.dataset_files)
         datasource.write_record(run, source, index.splits_dir)
+        if placement.kind != "none":
+            logger.info("Distribution %s: %d replicas (%s), global batch %d, %d per replica", placement.kind,
+                        placement.replicas, placement.task, config.batch_size, config.batch_size // placement.replicas)
         tracker.start(run, config)
         try:
-            result = _train_in_run(config, settings, prepared, run, start_checkpoint=start_checkpoint,
-                                   progress=progress, cancel=cancel, on_step=on_step, started=started, tracker=tracker)
+            result = _train_in_run(config, settings, prepared, run, placement, start_checkpoint=start_checkpoint,
+                                   control=LoopControl(progress, cancel, on_step), started=started, tracker=tracker)
         except BaseException as exc:
             tracker.end("KILLED" if isinstance(exc, (TrainingCancelled, KeyboardInterrupt)) else "FAILED")
             raise
@@ -472,23 +657,64 @@ class LoopControl:
     on_step: Callable[[int, int], None] | None = None
 
 
-def _train_in_run(config, settings, prepared, run, *, start_checkpoint, progress, cancel, on_step, started, tracker):
-    """Build, fit, evaluate and write one run inside its folder."""
+def _fit_in_run(config, settings, prepared, run, placement, *, start_checkpoint, control, tracker):
+    """Build the network under the placement's strategy and run the step loop; answers the
+    state and the validation history. Checkpoints go to the run's ckpts/."""
     tf.random.set_seed(config.random_seed)
     labels = list(prepared.index.labels)
-    train_data = training_pipeline(config, settings, prepared.training)
-    batches = iter(train_data)
-    state = build(config, settings, labels, run.ckpts, start_checkpoint, batches)
-    eval_data = {
-        split: pipeline.evaluation_dataset(audio, split_labels, settings, EVAL_BATCH_SIZE)
-        for split, (audio, split_labels) in prepared.evaluation.items()
-    }
+    batches = iter(distributed_pipeline(config, settings, prepared.training, placement))
+    statistics = None  # feature_normalization=dataset's examples: training batches as one device sees them
+    if config.feature_normalization == "dataset":
+        statistics = batches if placement.distributed_strategy is None else local_batches(config, settings, prepared)
+    with placement.strategy.scope():
+        state = build(config, settings, labels, run.ckpts, start_checkpoint, statistics)
+    validation = None
+    if placement.is_chief:
+        validation = evaluation_data(prepared, "validation", settings)
     train_step = make_train_step(state.model, state.optimizer, state.global_step, config.check_nans,
-                                 config.label_smoothing)
-    history = fit(state, train_step, batches, eval_data["validation"], labels, config, run, tracker,
-                  LoopControl(progress, cancel, on_step))
+                                 config.label_smoothing, strategy=placement.distributed_strategy)
+    history = fit(state, train_step, batches, validation, labels, config, run, tracker, control,
+                  worker=placement.describe_failure)
+    return state, history, batches
+
+
+def local_batches(config: Config, settings: FeatureSettings, prepared: PreparedData):
+    """An iterator of whole training batches on this process, outside any strategy."""
+    return iter(training_pipeline(config, settings, prepared.training))
+
+
+def _train_in_run(config, settings, prepared, run, placement, *, start_checkpoint, control, started, tracker):
+    """Build, fit, evaluate and write one run inside its folder."""
+    state, history, batches = _fit_in_run(config, settings, prepared, run, placement,
+                                          start_checkpoint=start_checkpoint, control=control, tracker=tracker)
+    if placement.distributed_strategy is not None:  # evaluated and exported as one plain model
+        state = dataclasses.replace(state, model=restore_model(run, config))
+        batches = local_batches(config, settings, prepared)
+    labels = list(prepared.index.labels)
+    eval_data = {split: evaluation_data(prepared, split, settings) for split in data.SPLITS}
     results = evaluate(state.model, eval_data, labels)
     return write(state, config, settings, prepared, run, results, history, batches, started)
+
+
+def evaluation_data(prepared: PreparedData, split: str, settings: FeatureSettings) -> tf.data.Dataset:
+    """Feature batches of a split's evaluation set; cached in memory unless the features outgrow
+    EVAL_CACHE_BYTES (a streamed dataset's splits can be larger than memory)."""
+    cells = settings.spectrogram_length * settings.fingerprint_width
+    cache = prepared.evaluation_size(split) * cells * 4 <= EVAL_CACHE_BYTES
+    return pipeline.evaluation_batches(prepared.evaluation_elements(split), settings, EVAL_BATCH_SIZE, cache=cache)
+
+
+def distributed_pipeline(config: Config, settings: FeatureSettings, audio, placement: distribution.Placement):
+    """The training pipeline, or under a strategy one pipeline per worker at the per-replica batch
+    size (tf.distribute's distribute_datasets_from_function), each worker on its own shards."""
+    if placement.distributed_strategy is None:
+        return training_pipeline(config, settings, audio)
+
+    def per_worker(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        return training_pipeline(config, settings, audio, batch_size=context.get_per_replica_batch_size(
+            config.batch_size), part=pipeline.InputShard.of(context))
+
+    return placement.strategy.distribute_datasets_from_function(per_worker)
 
 
 def build(config: Config, settings: FeatureSettings, labels: list[str], ckpts_dir: Path,
@@ -528,12 +754,26 @@ class _Window:
                 float(np.mean(self.accuracies[-SUMMARY_EVERY_STEPS:])))
 
 
-def fit(state: TrainingState, train_step, batches, validation_data: tf.data.Dataset, labels: list[str],
-        config: Config, run: RunDir, tracker: tracking.Tracker, control: LoopControl) -> list[dict]:
+def fit(state: TrainingState, train_step, batches, validation_data: tf.data.Dataset | None, labels: list[str],
+        config: Config, run: RunDir, tracker: tracking.Tracker, control: LoopControl,
+        worker: Callable[[Exception], Exception] | None = None) -> list[dict]:
     """The step loop from the state's step to sum(how_many_training_steps), with
     the scheduled learning rate, summaries, validation every eval_step_interval
     steps and checkpoints; saves and raises TrainingCancelled when cancelled.
-    Answers the history of validation results."""
+    Answers the history of validation results (none without `validation_data`).
+
+    `worker` turns an error of the cluster's collectives (a peer that died or
+    stopped answering) into the error the run fails with."""
+    try:
+        return _steps(state, train_step, batches, validation_data, labels, config, run, tracker, control)
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError,
+            tf.errors.CancelledError, tf.errors.InternalError) as exc:
+        if worker is None:
+            raise
+        raise worker(exc) from exc
+
+
+def _steps(state, train_step, batches, validation_data, labels, config, run, tracker, control) -> list[dict]:
     total_steps = sum(config.how_many_training_steps)
     first_step = state.step
     if first_step >= total_steps:
@@ -561,7 +801,7 @@ def fit(state: TrainingState, train_step, batches, validation_data: tf.data.Data
         bar.update(1)
         if control.on_step is not None:
             control.on_step(done, total_steps)
-        if done % config.eval_step_interval == 0 or done == total_steps:
+        if validation_data is not None and (done % config.eval_step_interval == 0 or done == total_steps):
             history.append(_validate(state.model, validation_data, labels, validation_writer, done, total_steps,
                                      window))
             tracker.log_evaluation(history[-1])
@@ -618,9 +858,10 @@ def write(state: TrainingState, config: Config, settings: FeatureSettings, prepa
     model, labels = state.model, list(prepared.index.labels)
     calibration = representative_features(batches, REPRESENTATIVE_EXAMPLES)
     exports = export.export_all(export.InferenceModule(model, settings), run, calibration)
-    exports_accuracy = export_accuracy.export_accuracies(run, settings, *prepared.evaluation["testing"])
+    scored = {split: prepared.clips(split) for split in ("validation", "testing")}
+    exports_accuracy = export_accuracy.export_accuracies(run, settings, *scored["testing"])
     streamed = streaming.evaluate_trained_model(
-        model, settings, labels, prepared.evaluation, prepared.training.background, config, run.stats
+        model, settings, labels, scored, prepared.training.background, config, run.stats
     )
     run_metrics = {
         "run": run.name,
