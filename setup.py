@@ -32,7 +32,8 @@ setup(
         # MLflow tracking (MLFLOW_TRACKING_URI): the client only; `mlflow server` needs the full mlflow.
         "mlflow": ["mlflow-skinny>=3,<4"],
         # speechclas-detect --manifest --engine ray: Ray Data on a cluster (RAY_ADDRESS) or a local Ray.
-        "ray": ["ray[data]>=2.40,<3"],
+        # Below 2.64: speechclas.manifest passes max_task_retries, which Ray 2.60 deprecates for 2.64.
+        "ray": ["ray[data]>=2.40,<2.64"],
     },
     entry_points={
         "console_scripts": [

@@ -26,10 +26,11 @@ from typing import Any
 import soundfile
 
 from speechclas.config import Config, ConfigError
-from speechclas.data import AUDIO_SUFFIXES, BACKGROUND_NOISE_DIR, SPLIT_FILES
+from speechclas.data import AUDIO_SUFFIXES, BACKGROUND_NOISE_DIR, SPLIT_FILES, SPLITS
 from speechclas.features import FeatureSettings, settings_from_config
 from speechclas.fetch import FetchError, check_url_allowed
 from speechclas.limits import Limits, setting
+from speechclas.shards import EVAL_CACHE_BYTES, SAMPLED_CLIPS, held_in_memory
 
 logger = logging.getLogger(__name__)
 
@@ -278,21 +279,26 @@ class MemoryEstimate:
         return self.audio + self.evaluation_features + self.batches + self.overhead
 
     def describe(self) -> str:
-        return (f"{self.clips} clips: {self.audio // MB} MB of decoded audio, {self.evaluation_features // MB} MB "
+        return (f"{self.clips} clips: {self.audio // MB} MB of decoded audio held, {self.evaluation_features // MB} MB "
                 f"of cached evaluation features, {self.batches // MB} MB of batches, {self.overhead // MB} MB "
                 "for TensorFlow")
 
 
-def estimate_memory(config: Config, settings: FeatureSettings, clips: ClipCount) -> MemoryEstimate:
+def estimate_memory(config: Config, settings: FeatureSettings, clips: ClipCount,
+                    limits: Limits | None = None) -> MemoryEstimate:
     """An upper estimate of a training's peak memory, following train.prepare_data and pipeline.
 
-    Every clip is decoded for training and held twice (the loaded array and
-    the pipeline's table); the evaluation sets (every wanted clip once, plus
-    their share of unknown and silence) are decoded once more and their
-    features cached. A batch passes through the widest network. Measured
-    peak of conv on data/demo (2 CPU cores): 1586 MB at batch_size=100
+    In memory (shards.held_in_memory, bounded by the operator's in_memory_max_mb):
+    every clip is read back from its shards, and the training clips held twice more
+    (the arrays and the pipeline's table); the evaluation sets (every wanted clip
+    once, plus their share of unknown and silence) once more, with their features
+    cached. Streamed: two shuffle buffers of clips (wanted and unknown words), the
+    sampled evaluation clips and the evaluation features up to their cache bound,
+    whatever the size of the dataset. A batch passes through the widest network.
+    Measured peak of conv on data/demo (2 CPU cores): 1586 MB at batch_size=100
     (estimated 1628), 6118 MB at batch_size=1024 (estimated 6786).
     """
+    limits = limits or Limits.defaults()
     clip_bytes = settings.desired_samples * 2  # int16
     synthetic = synthetic_clip_count(config, clips)  # training clips only
     # data.evaluation_examples' shares, rounded up in each of the three splits.
@@ -300,8 +306,14 @@ def estimate_memory(config: Config, settings: FeatureSettings, clips: ClipCount)
     silence = math.ceil(clips.wanted * config.silence_percentage / 100) + 3
     evaluation_clips = clips.wanted + unknown + silence
     background = int(clips.background_seconds * settings.sample_rate) * 4 * 2  # joined, then the pipeline's copy
-    audio = (2 * (clips.total + synthetic) + evaluation_clips) * clip_bytes + background
     cells = settings.spectrogram_length * settings.fingerprint_width
+    if held_in_memory(config.data_loading, clips.total, settings.desired_samples, limits.in_memory_max_mb):
+        audio = (3 * (clips.total + synthetic) + evaluation_clips) * clip_bytes + background
+        evaluation_features = evaluation_clips * cells * 4
+    else:
+        sampled = 2 * SAMPLED_CLIPS  # validation and test, for the exports and the streaming evaluation
+        audio = (2 * config.shuffle_buffer + sampled) * clip_bytes + background
+        evaluation_features = min(evaluation_clips * cells * 4, len(SPLITS) * EVAL_CACHE_BYTES)
     # Per clip of a batch: float audio, its shifted copy, the noise and the mix (and six more
     # arrays of the speed change's interpolation); the spectrogram (at most window_size_samples
     # bins a frame; four more copies for the frequency warp); the features (three with masks and mixup).
@@ -313,8 +325,7 @@ def estimate_memory(config: Config, settings: FeatureSettings, clips: ClipCount)
                 + feature_copies * cells) * 4
     batches = config.batch_size * (per_clip * BATCHES_IN_FLIGHT + cells * ACTIVATION_FLOATS_PER_CELL * 4)
     return MemoryEstimate(
-        clips=clips.total + synthetic, audio=audio, evaluation_features=evaluation_clips * cells * 4,
-        batches=batches,
+        clips=clips.total + synthetic, audio=audio, evaluation_features=evaluation_features, batches=batches,
     )
 
 
@@ -336,7 +347,7 @@ def check_memory(
             f"this server's limit of {limits.max_synthetic_clips} ({_operator_variable('max_synthetic_clips')}); "
             "use fewer synthetic_speakers or engines"
         )
-    estimate = estimate_memory(config, settings, clips)
+    estimate = estimate_memory(config, settings, clips, limits)
     budget = limits.train_memory_mb * MB
     logger.info("Estimated memory of the training: %d MB (%s)", estimate.total // MB, estimate.describe())
     if estimate.total > budget:

@@ -6,7 +6,9 @@ blank lines and ``#`` comments are skipped. Every recording gets one JSON line
 in the results file, written and flushed as it arrives, so a killed job keeps
 what it finished: the answer of `speechclas.detect.detect_request` (run,
 duration_s, settings, detections) with its ``file``, or ``{"file", "error"}``
-for a file that cannot be read. A bad file never ends the job.
+for a file that cannot be read. A bad file never ends the job, nor does a
+file that kills its worker (out of memory): it gets an error line and the
+other files go on.
 
 A job resumes: a file that already has a line (a result or an error) is
 skipped; with `retry_errors` its error line is dropped and the file is
@@ -19,7 +21,8 @@ to scan a stream, see shared/notes/distributed.md):
 
 - ``pool``: worker processes on this machine, started with ``spawn``
   (TensorFlow is not fork-safe), one TensorFlow thread each so N workers use
-  N cores.
+  N cores, each with a pipe of its own (a worker killed mid-write cannot
+  block the others), so the parent knows which file a dead worker held.
 - ``ray``: Ray Data's `map_batches` with an actor per worker (the optional
   extra ``speechclas[ray]``), on the cluster of ``RAY_ADDRESS``, else on a
   local Ray of `jobs` CPUs. Its nodes need speechclas, the models folder and
@@ -36,6 +39,7 @@ import multiprocessing.connection
 import os
 import signal
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -52,10 +56,12 @@ logger = logging.getLogger(__name__)
 
 URL_SCHEMES = ("http", "https")
 _STOP_GRACE_S = 30.0  # a pool worker told to end is killed after this
+RAY_TASK_RETRIES = 2  # a file's task is tried again this often when its actor dies
 
 
 class ManifestError(ValueError):
-    """A job that cannot start as asked (unreadable manifest or results file, bad --jobs, no Ray)."""
+    """A job that cannot start as asked (unreadable manifest or results file, bad --jobs, no Ray or
+    no connection to its cluster)."""
 
 
 class JobStopped(RuntimeError):
@@ -395,12 +401,25 @@ def ray_results(job: DetectJob, entries: list[Entry], jobs: int | None) -> Itera
         actors = min(jobs or max(1, int(ray.cluster_resources().get("CPU", 1))), len(entries))
         logger.info("Detecting in %d files with %d Ray actors", len(entries), actors)
         rows = [{"name": entry.name, "source": entry.source, "is_url": entry.is_url} for entry in entries]
-        dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-            RayDetector, fn_constructor_kwargs={"job": job}, batch_size=1, num_cpus=1,
-            compute=ray.data.ActorPoolStrategy(size=actors),
-        )  # fmt: skip
+        # Ray restarts a dead actor and retries its task; a file whose task fails every time (it kills
+        # the actor: out of memory) is dropped by Ray Data and answered here, as the pool answers it.
+        with warnings.catch_warnings():  # max_task_retries has no named parameter yet (setup.py caps Ray below 2.64)
+            warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+            dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+                RayDetector, fn_constructor_kwargs={"job": job}, batch_size=1, num_cpus=1,
+                compute=ray.data.ActorPoolStrategy(size=actors), max_task_retries=RAY_TASK_RETRIES,
+            )  # fmt: skip
+        dataset.context.max_errored_blocks = -1
+        answered = set()
         for row in dataset.iter_rows():
-            yield json.loads(row["line"])
+            record = json.loads(row["line"])
+            answered.add(record["file"])
+            yield record
+        for entry in entries:
+            if entry.name not in answered:
+                yield {"file": entry.name, "error": f"the Ray task detecting in this file failed "
+                                                    f"{1 + RAY_TASK_RETRIES} times (its actor died: killed, "
+                                                    "out of memory?)"}  # fmt: skip
     finally:
         if started:
             ray.shutdown()

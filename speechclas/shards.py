@@ -53,6 +53,20 @@ FORMAT_VERSION = 1
 SHARD_CLIPS = 4096
 SHARDS_DIR = Path("data") / "shards"
 SYNTHETIC_SPLIT = "training"
+# A streamed dataset's evaluation features are cached in memory up to this size a split, else recomputed each pass.
+EVAL_CACHE_BYTES = 512 * 2**20
+# Clips of a streamed split (in the shards' seeded order) that the exports' accuracies and the
+# streaming evaluation score: 16 MB a split, and more than a 2-hour evaluation stream uses.
+SAMPLED_CLIPS = 5000
+
+
+def held_in_memory(data_loading: str, clips: int, desired_samples: int, in_memory_max_mb: int) -> bool:
+    """data_loading's choice for a folder of `clips` clips (every split): auto holds them in memory
+    when their int16 samples fit `in_memory_max_mb` (faster there: batches are gathered, not
+    parsed), else streams them from the shards."""
+    if data_loading != "auto":
+        return data_loading == "memory"
+    return clips * desired_samples * 2 <= in_memory_max_mb * 2**20
 
 
 @dataclasses.dataclass(frozen=True)

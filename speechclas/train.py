@@ -58,11 +58,6 @@ SKIPPED_EXAMPLES = 10
 REPRESENTATIVE_EXAMPLES = 300
 # Training examples (augmented) whose per-bin statistics feature_normalization=dataset keeps.
 NORMALIZATION_EXAMPLES = 1000
-# A streamed dataset's evaluation features are cached in memory up to this size, else recomputed each pass.
-EVAL_CACHE_BYTES = 512 * 2**20
-# Clips of a streamed split (in the shards' seeded order) that the exports' accuracies and the
-# streaming evaluation score: 16 MB a split, and more than a 2-hour evaluation stream uses.
-SAMPLED_CLIPS = 5000
 
 
 class TrainingCancelled(Exception):
@@ -133,10 +128,10 @@ class PreparedData:
 
     def clips(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """A split's evaluation clips as arrays, for the exports' accuracies and the streaming
-        evaluation: all of them in memory, the first SAMPLED_CLIPS of the shards when streamed."""
+        evaluation: all of them in memory, the first shards.SAMPLED_CLIPS of the shards when streamed."""
         if self.evaluation is not None:
             return self.evaluation[split]
-        return pipeline.take_clips(self.evaluation_elements(split), SAMPLED_CLIPS)
+        return pipeline.take_clips(self.evaluation_elements(split), shards.SAMPLED_CLIPS)
 
     def skipped_summary(self) -> dict:
         """How many files were left out and a few of them, for metrics.json."""
@@ -157,26 +152,13 @@ class PreparedData:
                                     for word, speaker, reason in failures[:SKIPPED_EXAMPLES]]}
 
 
-def training_clip_bytes(index: data.DatasetIndex, settings: FeatureSettings) -> int:
-    """What holding a folder's clips in memory takes (int16, every split)."""
-    return sum(len(index.splits[split]) for split in data.SPLITS) * settings.desired_samples * 2
-
-
-def loads_in_memory(config: Config, settings: FeatureSettings, index: data.DatasetIndex, limits: Limits) -> bool:
-    """data_loading's choice: auto holds the clips in memory when they fit the operator's
-    in_memory_max_mb (faster there: batches are gathered, not parsed), else streams them."""
-    if config.data_loading != "auto":
-        return config.data_loading == "memory"
-    return training_clip_bytes(index, settings) <= limits.in_memory_max_mb * 2**20
-
-
 def prepare_data(
     config: Config, settings: FeatureSettings, data_dir: Path, splits_dir: Path, limits: Limits | None = None,
     held: contextlib.ExitStack | None = None, base_dir: Path | None = None, progress: bool = False,
 ) -> PreparedData:
     """Index and split the folder, decode its clips once into shards (or reuse those of an
     earlier training, speechclas.shards), then hold them in memory or stream them
-    (`loads_in_memory`); errors here come before any run folder.
+    (`shards.held_in_memory`); errors here come before any run folder.
 
     A clip that cannot be decoded or breaks the audio `limits` (default: the
     operator defaults) is skipped with its label, logged and counted; only a
@@ -201,7 +183,8 @@ def prepare_data(
         )
         skipped.update((clip.path, clip) for clip in skipped_noise)
         _check_usable(index, skipped, data_dir)
-        if loads_in_memory(config, settings, index, limits):
+        clips = sum(len(index.splits[split]) for split in data.SPLITS)
+        if shards.held_in_memory(config.data_loading, clips, settings.desired_samples, limits.in_memory_max_mb):
             return _in_memory(config, index, prepared, synthetic, background, tuple(skipped.values()))
         logger.info("Streaming the training clips from %s (data_loading=%s)", prepared.folder, config.data_loading)
         return _streamed(config, index, prepared, synthetic, background, tuple(skipped.values()))
@@ -698,9 +681,9 @@ def _train_in_run(config, settings, prepared, run, placement, *, start_checkpoin
 
 def evaluation_data(prepared: PreparedData, split: str, settings: FeatureSettings) -> tf.data.Dataset:
     """Feature batches of a split's evaluation set; cached in memory unless the features outgrow
-    EVAL_CACHE_BYTES (a streamed dataset's splits can be larger than memory)."""
+    shards.EVAL_CACHE_BYTES (a streamed dataset's splits can be larger than memory)."""
     cells = settings.spectrogram_length * settings.fingerprint_width
-    cache = prepared.evaluation_size(split) * cells * 4 <= EVAL_CACHE_BYTES
+    cache = prepared.evaluation_size(split) * cells * 4 <= shards.EVAL_CACHE_BYTES
     return pipeline.evaluation_batches(prepared.evaluation_elements(split), settings, EVAL_BATCH_SIZE, cache=cache)
 
 

@@ -233,6 +233,21 @@ def test_the_memory_estimate_grows_with_clips_clip_length_and_batch():
     assert full.total < Limits.defaults().train_memory_mb * confine.MB
 
 
+def test_a_streamed_training_is_estimated_by_its_buffers_not_its_dataset():
+    config = load_config({})  # data_loading=auto: streamed above SPEECHCLAS_IN_MEMORY_MAX_MB (1 GB, 32k clips)
+    settings = settings_from_config(config)
+    speech_commands = confine.estimate_memory(config, settings, confine.ClipCount(38_546, 105_829 - 38_546, 400))
+    millions = confine.estimate_memory(config, settings, confine.ClipCount(1_000_000, 4_000_000, 400))
+    assert millions.audio == speech_commands.audio and millions.total <= 1.1 * speech_commands.total
+    assert speech_commands.total < 4096 * confine.MB  # far under the 12 GB default budget
+    held = confine.estimate_memory(config.replace(data_loading="memory"), settings,
+                                   confine.ClipCount(38_546, 105_829 - 38_546, 400))
+    assert held.audio > 3 * speech_commands.audio  # what holding them would take
+    bigger_buffer = confine.estimate_memory(config.replace(shuffle_buffer=40_000), settings,
+                                            confine.ClipCount(38_546, 105_829 - 38_546, 400))
+    assert bigger_buffer.audio - speech_commands.audio == 2 * 30_000 * settings.desired_samples * 2
+
+
 def test_a_training_over_the_memory_budget_is_refused(home):
     limits = Limits.defaults().replace(train_memory_mb=1000)
     with pytest.raises(confine.ConfinementError) as caught:
