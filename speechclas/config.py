@@ -115,6 +115,7 @@ class Config:
     random_seed: int = _field("training_parameters")
     data_loading: str = _field("training_parameters")
     shuffle_buffer: int = _field("training_parameters")
+    augment_on: str = _field("training_parameters")
     distribution: str = _field("training_parameters")
     replicas: int = _field("training_parameters")
     collective_timeout_s: float = _field("training_parameters")

@@ -379,20 +379,36 @@ def learning_rate_at(step: int, config: Config) -> float:
 
 
 def training_pipeline(config: Config, settings: FeatureSettings, audio, batch_size: int | None = None,
-                      part: pipeline.InputShard | None = None) -> tf.data.Dataset:
+                      part: pipeline.InputShard | None = None, in_step: bool = False) -> tf.data.Dataset:
     """The augmenting, endless training dataset for this configuration (clips in memory or
     streamed): batches of (features, targets float32 [batch, labels]), targets being probability
-    vectors; `batch_size` (default: the configured one) and `part` serve distributed input."""
+    vectors; `batch_size` (default: the configured one) and `part` serve distributed input.
+    `in_step`: batches of (int16 audio, labels, seed) that `batch_preparation` turns into those."""
     augment_settings = pipeline.augment_settings_from_config(config, settings, audio.silence_label)
     return pipeline.training_dataset(
         audio, settings, augment_settings, batch_size or config.batch_size,
         config.silence_percentage, config.unknown_percentage, config.random_seed, part=part or pipeline.InputShard(),
+        augment_in_pipeline=not in_step,
     )
 
 
+def batch_preparation(config: Config, settings: FeatureSettings, audio) -> Callable:
+    """For augment_on=train_step: (int16 audio, labels, seed) -> (features, targets), the same
+    function the input pipeline applies otherwise, compiled into the training step."""
+    augment_settings = pipeline.augment_settings_from_config(config, settings, audio.silence_label)
+    background = tf.constant(audio.background.astype(np.float32))
+
+    def prepare(clips, labels, seed):
+        return pipeline.augmented_batch(tf.cast(clips, tf.float32) / 32768.0, labels, background, settings,
+                                        augment_settings, audio.label_count, seed)
+
+    return prepare
+
+
 def make_train_step(model, optimizer, global_step: tf.Variable, check_nans: bool, label_smoothing: float = 0.0,
-                    strategy: tf.distribute.Strategy | None = None):
-    """One compiled optimisation step: (features, targets) -> (loss, accuracy).
+                    strategy: tf.distribute.Strategy | None = None, prepare: Callable | None = None):
+    """One compiled optimisation step: (features, targets) -> (loss, accuracy); with `prepare`
+    (batch_preparation) the step takes the pipeline's raw batch and makes those itself, on its device.
 
     Targets are probability vectors [batch, labels] (one-hot or mixed); the loss
     is their cross-entropy with the softmax of the logits after label smoothing,
@@ -408,7 +424,8 @@ def make_train_step(model, optimizer, global_step: tf.Variable, check_nans: bool
     """
     loss_fn = tf.keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=label_smoothing)
 
-    def replica_step(features, targets):
+    def replica_step(*batch):
+        features, targets = prepare(*batch) if prepare is not None else batch
         with tf.GradientTape() as tape:
             logits = model(features, training=True)
             loss = loss_fn(targets, logits)
@@ -421,11 +438,11 @@ def make_train_step(model, optimizer, global_step: tf.Variable, check_nans: bool
         return loss, tf.reduce_mean(tf.cast(agree, tf.float32))
 
     @tf.function
-    def train_step(features, targets):
+    def train_step(*batch):
         if strategy is None:
-            loss, accuracy = replica_step(features, targets)
+            loss, accuracy = replica_step(*batch)
         else:
-            losses, accuracies = strategy.run(replica_step, args=(features, targets))
+            losses, accuracies = strategy.run(replica_step, args=batch)
             loss = strategy.reduce(tf.distribute.ReduceOp.SUM, losses, axis=None)
             accuracy = strategy.reduce(tf.distribute.ReduceOp.MEAN, accuracies, axis=None)
         global_step.assign_add(1)
@@ -645,17 +662,20 @@ def _fit_in_run(config, settings, prepared, run, placement, *, start_checkpoint,
     state and the validation history. Checkpoints go to the run's ckpts/."""
     tf.random.set_seed(config.random_seed)
     labels = list(prepared.index.labels)
-    batches = iter(distributed_pipeline(config, settings, prepared.training, placement))
+    in_step = config.augment_on == "train_step"
+    batches = iter(distributed_pipeline(config, settings, prepared.training, placement, in_step))
     statistics = None  # feature_normalization=dataset's examples: training batches as one device sees them
     if config.feature_normalization == "dataset":
-        statistics = batches if placement.distributed_strategy is None else local_batches(config, settings, prepared)
+        local = placement.distributed_strategy is None and not in_step
+        statistics = batches if local else local_batches(config, settings, prepared)
     with placement.strategy.scope():
         state = build(config, settings, labels, run.ckpts, start_checkpoint, statistics)
     validation = None
     if placement.is_chief:
         validation = evaluation_data(prepared, "validation", settings)
     train_step = make_train_step(state.model, state.optimizer, state.global_step, config.check_nans,
-                                 config.label_smoothing, strategy=placement.distributed_strategy)
+                                 config.label_smoothing, strategy=placement.distributed_strategy,
+                                 prepare=batch_preparation(config, settings, prepared.training) if in_step else None)
     history = fit(state, train_step, batches, validation, labels, config, run, tracker, control,
                   worker=placement.describe_failure)
     return state, history, batches
@@ -672,7 +692,8 @@ def _train_in_run(config, settings, prepared, run, placement, *, start_checkpoin
                                           start_checkpoint=start_checkpoint, control=control, tracker=tracker)
     if placement.distributed_strategy is not None:  # evaluated and exported as one plain model
         state = dataclasses.replace(state, model=restore_model(run, config))
-        batches = local_batches(config, settings, prepared)
+    if placement.distributed_strategy is not None or config.augment_on == "train_step":
+        batches = local_batches(config, settings, prepared)  # feature batches calibrate the int8 export
     labels = list(prepared.index.labels)
     eval_data = {split: evaluation_data(prepared, split, settings) for split in data.SPLITS}
     results = evaluate(state.model, eval_data, labels)
@@ -687,15 +708,16 @@ def evaluation_data(prepared: PreparedData, split: str, settings: FeatureSetting
     return pipeline.evaluation_batches(prepared.evaluation_elements(split), settings, EVAL_BATCH_SIZE, cache=cache)
 
 
-def distributed_pipeline(config: Config, settings: FeatureSettings, audio, placement: distribution.Placement):
+def distributed_pipeline(config: Config, settings: FeatureSettings, audio, placement: distribution.Placement,
+                         in_step: bool = False):
     """The training pipeline, or under a strategy one pipeline per worker at the per-replica batch
     size (tf.distribute's distribute_datasets_from_function), each worker on its own shards."""
     if placement.distributed_strategy is None:
-        return training_pipeline(config, settings, audio)
+        return training_pipeline(config, settings, audio, in_step=in_step)
 
     def per_worker(context: tf.distribute.InputContext) -> tf.data.Dataset:
         return training_pipeline(config, settings, audio, batch_size=context.get_per_replica_batch_size(
-            config.batch_size), part=pipeline.InputShard.of(context))
+            config.batch_size), part=pipeline.InputShard.of(context), in_step=in_step)
 
     return placement.strategy.distribute_datasets_from_function(per_worker)
 
@@ -771,8 +793,7 @@ def _steps(state, train_step, batches, validation_data, labels, config, run, tra
             raise TrainingCancelled(f"training cancelled at step {step}; run {run.name} left unfinished")
         rate = learning_rate_at(step, config)
         state.optimizer.learning_rate = rate
-        features, targets = next(batches)
-        window.add(*train_step(features, targets))
+        window.add(*train_step(*next(batches)))
         done = step + 1
         if done % SUMMARY_EVERY_STEPS == 0 or done == total_steps:
             loss, accuracy = window.recent()

@@ -239,6 +239,31 @@ def test_the_same_seed_gives_the_same_batches_whatever_the_parallelism(demo):
     assert not np.array_equal(first[0][0], first[1][0])  # each batch draws anew
 
 
+def test_augmentation_in_the_train_step_makes_the_input_pipelines_batches(demo):
+    """augment_on=train_step: tf.data hands int16 clips and the batch's seed, and the compiled
+    step's batch_preparation makes the very batches the input pipeline makes otherwise."""
+    config, settings, prepared = demo
+    in_pipeline = batches(train.training_pipeline(config, settings, prepared.training), count=3)
+    raw = train.training_pipeline(config, settings, prepared.training, in_step=True)
+    prepare = tf.function(train.batch_preparation(config, settings, prepared.training))
+    for (clips, labels, seed), (features, targets) in zip(raw.take(3), in_pipeline, strict=True):
+        assert clips.dtype == tf.int16 and clips.shape == (32, settings.desired_samples)
+        made_features, made_targets = prepare(clips, labels, seed)
+        np.testing.assert_allclose(made_features.numpy(), features, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(made_targets.numpy(), targets, rtol=1e-6, atol=1e-6)
+
+
+def test_a_training_that_augments_in_its_step_learns_and_exports(tmp_path):
+    config = load_config({"data_dir": str(DEMO), "models_dir": str(tmp_path), "augment_on": "train_step",
+                          "model_architecture": "tiny_conv", "how_many_training_steps": "60,20",
+                          "learning_rate": "0.002,0.0005", "batch_size": 50, "eval_step_interval": 80,
+                          "streaming_minutes": 0})
+    result = train.train(config, progress=False)
+    metrics = result.metrics
+    assert metrics["steps"] == 80 and metrics["testing"]["accuracy"] > 2.5 / len(metrics["labels"])
+    assert abs(metrics["exports"]["model_int8.tflite"]["test_accuracy"] - metrics["testing"]["accuracy"]) < 0.1
+
+
 def test_with_every_augmentation_on_training_still_steps_and_evaluation_inputs_stay_clean(demo):
     config, settings, prepared = demo
     dataset = train.training_pipeline(config, settings, prepared.training)
