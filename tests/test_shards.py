@@ -222,3 +222,19 @@ def test_a_streamed_training_beats_chance_and_its_exports_agree(folder, tmp_path
     accuracies = {name: export["test_accuracy"] for name, export in metrics["exports"].items()}
     assert abs(accuracies["model.pb"] - metrics["testing"]["accuracy"]) < 0.03, accuracies
     assert "streaming" in metrics and result.run.is_finished()
+
+
+def test_speechclas_prepare_writes_the_shards_a_training_then_reuses(folder, tmp_path, monkeypatch, capsys):
+    from speechclas import cli
+
+    monkeypatch.setenv("SPEECHCLAS_SHARD_CACHE_DIR", str(tmp_path / "cache"))
+    assert cli.prepare_main([str(folder), "wanted_words=yes,no", "validation_percentage=25",
+                             "testing_percentage=25", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["skipped_clips"] == 1 and sum(summary["clips"].values()) == len(list(folder.glob("*/*.wav"))) - 5
+    decoded = []
+    real_decode = shards.decode_clip
+    monkeypatch.setattr(shards, "decode_clip", lambda *args: decoded.append(args[1]) or real_decode(*args))
+    _, _, prepared = streamed(folder, tmp_path)
+    assert str(prepared.shards.folder) == summary["shards"] and decoded == []
+    assert cli.prepare_main([str(tmp_path / "nowhere")]) == 2
