@@ -289,10 +289,11 @@ def estimate_memory(config: Config, settings: FeatureSettings, clips: ClipCount,
     """An upper estimate of a training's peak memory, following train.prepare_data and pipeline.
 
     In memory (shards.held_in_memory, bounded by the operator's in_memory_max_mb):
-    every clip is read back from its shards, and the training clips held twice more
-    (the arrays and the pipeline's table); the evaluation sets (every wanted clip
-    once, plus their share of unknown and silence) once more, with their features
-    cached. Streamed: two shuffle buffers of clips (wanted and unknown words), the
+    every clip is read back from its shards, and the training clips held four times
+    more at the peak (the arrays, their concatenation and the pipeline's table, and
+    the reading's copies: data_loading=memory peaked at 16.4 GB for 100k clips, 3.2 GB of
+    audio, in benchmarks/scale.py); the evaluation sets (every wanted clip once, plus
+    their share of unknown and silence) once more, with their features cached. Streamed: two shuffle buffers of clips (wanted and unknown words), the
     sampled evaluation clips and the evaluation features up to their cache bound,
     whatever the size of the dataset. A batch passes through the widest network.
     Measured peak of conv on data/demo (2 CPU cores): 1586 MB at batch_size=100
@@ -308,7 +309,7 @@ def estimate_memory(config: Config, settings: FeatureSettings, clips: ClipCount,
     background = int(clips.background_seconds * settings.sample_rate) * 4 * 2  # joined, then the pipeline's copy
     cells = settings.spectrogram_length * settings.fingerprint_width
     if held_in_memory(config.data_loading, clips.total, settings.desired_samples, limits.in_memory_max_mb):
-        audio = (3 * (clips.total + synthetic) + evaluation_clips) * clip_bytes + background
+        audio = (5 * (clips.total + synthetic) + evaluation_clips) * clip_bytes + background
         evaluation_features = evaluation_clips * cells * 4
     else:
         sampled = 2 * SAMPLED_CLIPS  # validation and test, for the exports and the streaming evaluation

@@ -253,6 +253,7 @@ class ShardSource:
     than memory trains from. Only `shuffle_buffer` clips per stream are held at once."""
 
     files: tuple[str, ...]  # the training split's shard files
+    file_labels: tuple[frozenset[str], ...]  # the label folders each file holds
     labels: tuple[str, ...]  # the classes, as data.labels_for orders them
     unknown_label: int
     silence_label: int
@@ -288,22 +289,34 @@ def class_table(labels: tuple[str, ...], unknown_label: int) -> tf.lookup.Static
     )
 
 
-def _shard_records(files: tuple[str, ...], part: InputShard, seed: int) -> tf.data.Dataset:
-    """The serialized records of `files`, endlessly, in a seeded order: files shuffled every
-    pass and read interleaved. With several input pipelines each reads its own files (or,
-    with fewer files than pipelines, every count-th record)."""
+def by_file(data: ShardSource, part: InputShard) -> bool:
+    """Whether each of several input pipelines reads its own files (tf.data's auto-shard by
+    file): only when every pipeline's files hold wanted words and, where there are any,
+    unknown ones. Otherwise each reads every file and keeps every count-th record."""
+    if part.count == 1 or len(data.files) < part.count:
+        return False
+    wanted = set(data.labels[2:])
+    for index in range(part.count):
+        labels = set().union(*data.file_labels[index :: part.count])
+        if not labels & wanted or (data.has_unknown and not labels - wanted):
+            return False
+    return True
+
+
+def _shard_records(files: tuple[str, ...], part: InputShard, seed: int, own_files: bool) -> tf.data.Dataset:
+    """One pass over the serialized records of `files`, read interleaved: this pipeline's files,
+    shuffled anew every pass, or every count-th record of all of them, in the files' own order
+    (already random), the same for every pipeline, so no two pipelines share a record."""
     names = tf.data.Dataset.from_tensor_slices(list(files))
-    by_file = len(files) >= part.count
-    if part.count > 1 and by_file:
+    if part.count > 1 and own_files:
         names = names.shard(part.count, part.index)
-    own = len(files) // part.count if by_file else len(files)
-    records = (
-        names.shuffle(max(own, 1), seed=seed, reshuffle_each_iteration=True)
-        .repeat()
-        .interleave(tf.data.TFRecordDataset, cycle_length=max(1, min(own, 16)), block_length=1,
-                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    )
-    if part.count > 1 and not by_file:
+    own = -(-len(files) // part.count) if own_files else len(files)
+    if own_files or part.count == 1:
+        names = names.shuffle(max(own, 1), seed=seed, reshuffle_each_iteration=True)
+    records = names.interleave(
+        tf.data.TFRecordDataset, cycle_length=max(1, min(own, 16)), block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if part.count > 1 and not own_files:
         records = records.shard(part.count, part.index)
     return records
 
@@ -313,6 +326,7 @@ def _stream_elements(data: ShardSource, silence_percentage: float, unknown_perce
     """(int16 audio, label) of the shards: wanted words, unknown words and silence at their shares,
     each kind through its own shuffle buffer."""
     table = class_table(data.labels, data.unknown_label)
+    own_files = by_file(data, part)
 
     def kind(wanted: bool, kind_seed: int) -> tf.data.Dataset:
         def keep(serialized):
@@ -323,7 +337,9 @@ def _stream_elements(data: ShardSource, silence_percentage: float, unknown_perce
             record = shards.parse(serialized, data.desired_samples)
             return record["audio"], table.lookup(record["label"])
 
-        return (_shard_records(data.files, part, kind_seed).filter(keep)
+        # Filtered one pass at a time, then repeated: a pass with no record of this kind ends
+        # the kind (sample_from_datasets goes on without it) instead of searching forever.
+        return (_shard_records(data.files, part, kind_seed, own_files).filter(keep).repeat()
                 .shuffle(data.shuffle_buffer, seed=kind_seed).map(decode, num_parallel_calls=tf.data.AUTOTUNE))
 
     sources, weights = [kind(True, seed)], [100.0]

@@ -48,7 +48,7 @@ from speechclas.data import SPLITS, DatasetIndex, SkippedClip, decode_clip, spea
 logger = logging.getLogger(__name__)
 
 # Bumped when the records change; part of every key, so old shards are never misread.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 # Clips per shard: 128 MiB of 1 s clips at 16 kHz, the size tf.data's readers like (100-200 MB).
 SHARD_CLIPS = 4096
 SHARDS_DIR = Path("data") / "shards"
@@ -89,6 +89,7 @@ class ShardSet:
     desired_samples: int
     files: dict[str, tuple[Path, ...]]
     counts: dict[str, dict[str, int]]  # split -> label -> clips
+    file_counts: dict[str, tuple[dict[str, int], ...]] = dataclasses.field(default_factory=dict)  # per file of files
     skipped: tuple[SkippedClip, ...] = ()
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # what the preparer recorded besides
 
@@ -99,6 +100,10 @@ class ShardSet:
     def split_files(self, split: str) -> list[str]:
         return [str(path) for path in self.files.get(split, ())]
 
+    def file_labels(self, split: str) -> list[set[str]]:
+        """The labels each shard file of `split` holds, in the order of split_files."""
+        return [set(counts) for counts in self.file_counts.get(split, ())]
+
     @classmethod
     def from_record(cls, folder: Path, record: dict[str, Any]) -> ShardSet:
         return cls(
@@ -107,6 +112,7 @@ class ShardSet:
             desired_samples=int(record["desired_samples"]),
             files={split: tuple(folder / name for name in entry["files"]) for split, entry in record["splits"].items()},
             counts={split: dict(entry["counts"]) for split, entry in record["splits"].items()},
+            file_counts={split: tuple(entry["file_counts"]) for split, entry in record["splits"].items()},
             skipped=tuple(SkippedClip(item["path"], item["reason"]) for item in record.get("skipped", ())),
             extra=dict(record.get("extra", {})),
         )
@@ -183,6 +189,7 @@ class ShardWriter:
         self.shard_clips = shard_clips
         self.files: dict[str, list[str]] = {split: [] for split in SPLITS}
         self.counts: dict[str, dict[str, int]] = {split: {} for split in SPLITS}
+        self.file_counts: dict[str, list[dict[str, int]]] = {split: [] for split in SPLITS}
 
     def write(self, split: str, clips: Sequence[Clip]) -> None:
         """One shard of `clips` (at most shard_clips), all of `split`."""
@@ -191,11 +198,15 @@ class ShardWriter:
         if not clips:
             return
         name = f"{split}-{len(self.files[split]):05d}.tfrecord"
+        in_file: dict[str, int] = {}
         with tf.io.TFRecordWriter(str(self.folder / name)) as writer:
             for clip in clips:
                 writer.write(serialize(clip))
-                self.counts[split][clip.label] = self.counts[split].get(clip.label, 0) + 1
+                in_file[clip.label] = in_file.get(clip.label, 0) + 1
+        for label, count in in_file.items():
+            self.counts[split][label] = self.counts[split].get(label, 0) + count
         self.files[split].append(name)
+        self.file_counts[split].append(in_file)
 
     def record(self, sample_rate: int, desired_samples: int, **extra) -> dict[str, Any]:
         """What the cache keeps in the entry's source.json."""
@@ -203,7 +214,8 @@ class ShardWriter:
             "format": FORMAT_VERSION,
             "sample_rate": sample_rate,
             "desired_samples": desired_samples,
-            "splits": {split: {"files": self.files[split], "counts": self.counts[split]} for split in SPLITS},
+            "splits": {split: {"files": self.files[split], "counts": self.counts[split],
+                               "file_counts": self.file_counts[split]} for split in SPLITS},
             "prepared": dt.datetime.now().isoformat(timespec="seconds"),
             **extra,
         }

@@ -245,14 +245,16 @@ def _streamed(config: Config, index: data.DatasetIndex, prepared: shards.ShardSe
     """The training and evaluation sets read from the shards as they train: memory set by the shuffle buffer."""
     wanted_words = index.labels[2:]
     files = prepared.split_files("training")
+    file_labels = prepared.file_labels("training")
     has_unknown = prepared.clip_count("training") > prepared.clip_count("training", wanted_words)
     if synthetic is not None:
         files += synthetic.split_files(shards.SYNTHETIC_SPLIT)
+        file_labels += synthetic.file_labels(shards.SYNTHETIC_SPLIT)
         said = synthetic.counts[shards.SYNTHETIC_SPLIT]
         has_unknown = has_unknown or any(word not in wanted_words for word in said)
     unknown_label, silence_label = index.label_index(data.UNKNOWN_LABEL), index.label_index(data.SILENCE_LABEL)
     training = pipeline.ShardSource(
-        files=tuple(files), labels=index.labels, unknown_label=unknown_label, silence_label=silence_label,
+        files=tuple(files), file_labels=tuple(frozenset(labels) for labels in file_labels), labels=index.labels, unknown_label=unknown_label, silence_label=silence_label,
         has_unknown=has_unknown, background=background, desired_samples=prepared.desired_samples,
         shuffle_buffer=config.shuffle_buffer,
     )

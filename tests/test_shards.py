@@ -1,6 +1,7 @@
 """The prepared dataset: TFRecord shards that round-trip every clip, a cache keyed by content that
 never uses a killed preparation, and training pipelines that stream from the shards."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -185,13 +186,25 @@ def test_two_input_pipelines_read_disjoint_clips(folder, tmp_path):
         if shard_clips == 3:
             with shards.prepare(shards.ShardCache(tmp_path / "small", 10**10), prepared.index, RATE, RATE, BOUNDS,
                                 shard_clips=3, progress=False) as small:
-                source = pipeline.ShardSource(**{**source.__dict__, "files": tuple(small.split_files("training"))})
+                source = pipeline.ShardSource(**{
+                    **source.__dict__, "files": tuple(small.split_files("training")),
+                    "file_labels": tuple(frozenset(labels) for labels in small.file_labels("training"))})
         halves = [{digest(row) for audio, labels in raw_batches(source, 30, part=pipeline.InputShard(2, i),
                                                                 silence=0.0)
                    for row in audio} for i in (0, 1)]
         every = {digest(c.audio) for c in shards.read_clips(source.files, RATE)}
         assert halves[0] and halves[1] and not halves[0] & halves[1]
         assert halves[0] | halves[1] == every
+
+
+def test_a_kind_with_no_clip_in_a_pipelines_shards_ends_instead_of_hanging(folder, tmp_path):
+    """An input pipeline whose records hold no unknown word (a worker's share of a small set)
+    draws wanted words and silence; its filter never searches the endless stream."""
+    _, _, prepared = streamed(folder, tmp_path)
+    only_wanted = dataclasses.replace(prepared.training, has_unknown=True, labels=("_silence_", "_unknown_", "yes",
+                                                                                   "no", "bed"))
+    labels = {label for _, batch_labels in raw_batches(only_wanted, 5) for label in batch_labels}
+    assert labels <= {0, 2, 3, 4} and {2, 3, 4} <= labels  # "bed" is a wanted word here: no _unknown_ left
 
 
 def test_a_streamed_evaluation_set_holds_every_wanted_clip_and_its_shares(folder, tmp_path):
