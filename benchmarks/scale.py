@@ -12,11 +12,12 @@ a fresh subprocess, so its peak RSS (getrusage's ru_maxrss) is its own:
 - stream / memory: `train.prepare_data` with data_loading=stream or memory,
   the training pipeline, the network, optimizer and compiled train step, then
   --steps timed steps after --warmup untimed ones (the first of which fills
-  the shuffle buffers), then optionally the pipeline alone (no model). A
-  run's steps/s is that of its median step; with --repeats the two modes
-  alternate, each figure is the median of the runs, and streamed / in memory
-  is the median ratio of the runs made one after the other, so a spell of
-  other work on a shared machine weighs on both sides of a ratio.
+  the shuffle buffers), then optionally the pipeline alone (no model). With
+  --repeats the two modes alternate, each figure is the median of the runs,
+  and streamed / in memory is the median ratio of the runs made one after the
+  other, so a spell of other work on a shared machine weighs on both sides of
+  a ratio. Each run also records the cores it got (CPU time / wall time of
+  its timed steps): on a shared machine, compare runs that got the same.
 
 In memory runs only up to --memory-max-clips clips and when the machine has
 the memory it needs; the shards of a size are deleted after it unless
@@ -53,9 +54,10 @@ COMPLETE = ".scale-complete"
 # Bytes of one shard record: 1 s of int16 at 16 kHz plus the Example's strings and framing.
 RECORD_BYTES = 32_000 + 250
 DISK_MARGIN = 3 * 2**30  # left free on the disk after the largest size's shards
-# What data_loading=memory holds at its peak, in multiples of the decoded clips (measured here: see the README).
-MEMORY_FACTOR = 4.5
+# What data_loading=memory holds at its peak, in multiples of the decoded clips (16.4 GB for 100k clips here).
+MEMORY_FACTOR = 5.0
 GOAL_RATIO = 0.9
+PREFETCHED = 8  # batches pulled before timing the pipeline alone: more than its prefetch buffer holds
 GOAL_FLAT = 0.10
 GOAL_RSS_BYTES = 3 * 10**9
 
@@ -214,13 +216,15 @@ def child_train(args) -> dict:
     del step_seconds[:]
     run_steps(args.steps)
     elapsed, cpu_used = time.perf_counter() - timed, time.process_time() - cpu
-    # The median step: a burst of other work on a shared machine moves it less than the mean.
-    result = {"mode": args.mode, "steps": args.steps, "steps_per_s": 1 / statistics.median(step_seconds),
-              "mean_steps_per_s": args.steps / elapsed,
+    result = {"mode": args.mode, "steps": args.steps, "steps_per_s": args.steps / elapsed,
+              # The median step: a burst of other work on a shared machine moves it less than the mean.
+              "median_steps_per_s": 1 / statistics.median(step_seconds), "cores": cpu_used / elapsed,
               "cpu_ms_per_step": 1000 * cpu_used / args.steps, "load_seconds": loaded - started,
               "first_batch_seconds": first - built, "rss_after_load": rss_loaded,
               "training_clips": _training_clips(prepared), "parameters": int(model.count_params())}
     if args.pipeline_batches:
+        for _ in range(PREFETCHED):  # what the prefetch buffer already holds
+            next(batches)
         pulled = time.perf_counter()
         for _ in range(args.pipeline_batches):
             next(batches)
@@ -349,7 +353,7 @@ def measure_size(clips: int, args, log) -> SizeResult:
                 run = run_child(args, "train", data_dir, cache_dir, splits_dir, log, mode=mode)
                 result.runs.append(run)
                 print(f"[{clips}] {mode}: {run['steps_per_s']:.2f} steps/s, {run['cpu_ms_per_step']:.0f} CPU-ms/step, "
-                      f"peak RSS {run['peak_rss'] / 2**20:.0f} MiB, load {run['load_average']:.1f}", flush=True)
+                      f"{run['cores']:.2f} cores, peak RSS {run['peak_rss'] / 2**20:.0f} MiB, load {run['load_average']:.1f}", flush=True)
         result.stream = summary(result.runs, "stream")
         result.memory = summary(result.runs, "memory")
         result.ratio = paired_ratio(result.runs)
@@ -444,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="drop the shards' pages from the page cache before each streamed run")
     parser.add_argument("--keep", action="store_true", help="keep each size's shards")
     parser.add_argument("--child-timeout", type=float, default=3600.0)
+    parser.add_argument("--report", type=Path, metavar="JSON", help="print the tables of an earlier run's JSON")
     # A measurement's own process (internal).
     parser.add_argument("--child", choices=["prepare", "train"], help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=["stream", "memory"], help=argparse.SUPPRESS)
@@ -458,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
         print(RESULT_PREFIX + json.dumps(result), flush=True)
         return 0
 
+    if args.report:
+        report([size_result(item) for item in json.loads(args.report.read_text())["sizes"]])
+        return 0
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     args.work_dir = args.work_dir.resolve()
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -488,6 +496,19 @@ def main(argv: list[str] | None = None) -> int:
             out.write_text(json.dumps({"sizes": [dataclasses.asdict(r) for r in results], "args": {
                 k: str(v) for k, v in vars(args).items()}, "cpus": os.cpu_count()}, indent=1))
     print(f"\nTotal {time.monotonic() - started:.0f} s; figures in {out}\n")
+    report(results)
+    return 0
+
+
+def size_result(item: dict) -> SizeResult:
+    """A size's figures from the JSON, summarised again from its runs."""
+    result = SizeResult(**{k: v for k, v in item.items() if k not in ("stream", "memory", "ratio")})
+    result.stream, result.memory = summary(result.runs, "stream"), summary(result.runs, "memory")
+    result.ratio = paired_ratio(result.runs)
+    return result
+
+
+def report(results: list[SizeResult]) -> None:
     print(table(results))
     print()
     print(detail_table(results))
@@ -495,9 +516,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         if r.memory_skipped:
             print(f"in memory at {r.clips:,} clips skipped: {r.memory_skipped}")
+    for r in results:
+        runs = ", ".join(f"{run['mode']} {run['steps_per_s']:.2f} on {run['cores']:.2f}" for run in r.runs)
+        print(f"runs at {r.clips:,} clips, in order (steps/s on cores): {runs}")
     for line in goals(results):
         print(line)
-    return 0
 
 
 if __name__ == "__main__":
