@@ -330,7 +330,7 @@ def _stream_elements(data: ShardSource, silence_percentage: float, unknown_perce
 
     def kind(wanted: bool, kind_seed: int) -> tf.data.Dataset:
         def keep(serialized):
-            is_unknown = tf.equal(table.lookup(shards.parse_label(serialized)), data.unknown_label)
+            is_unknown = tf.equal(table.lookup(shards.parse_fields(serialized)["label"]), data.unknown_label)
             return tf.logical_not(is_unknown) if wanted else is_unknown
 
         def decode(serialized):
@@ -342,13 +342,21 @@ def _stream_elements(data: ShardSource, silence_percentage: float, unknown_perce
         return (_shard_records(data.files, part, kind_seed, own_files).filter(keep).repeat()
                 .shuffle(data.shuffle_buffer, seed=kind_seed).map(decode, num_parallel_calls=tf.data.AUTOTUNE))
 
-    sources, weights = [kind(True, seed)], [100.0]
-    if data.has_unknown and unknown_percentage > 0:
-        sources.append(kind(False, seed + 1))
+    silence = (tf.zeros([data.desired_samples], tf.int16), tf.constant(data.silence_label, tf.int32))
+    return _sample_kinds(kind(True, seed), kind(False, seed + 1) if data.has_unknown else None,
+                         tf.data.Dataset.from_tensors(silence), unknown_percentage, silence_percentage, seed)
+
+
+def _sample_kinds(wanted: tf.data.Dataset, unknown: tf.data.Dataset | None, silence: tf.data.Dataset,
+                  unknown_percentage: float, silence_percentage: float, seed: int) -> tf.data.Dataset:
+    """Wanted words, unknown words (None: there are none) and silence (one element, repeated)
+    drawn at 100 : unknown_percentage : silence_percentage, seeded."""
+    sources, weights = [wanted], [100.0]
+    if unknown is not None and unknown_percentage > 0:
+        sources.append(unknown)
         weights.append(unknown_percentage)
     if silence_percentage > 0:
-        silence = (tf.zeros([data.desired_samples], tf.int16), tf.constant(data.silence_label, tf.int32))
-        sources.append(tf.data.Dataset.from_tensors(silence).repeat())
+        sources.append(silence.repeat())
         weights.append(silence_percentage)
     total = sum(weights)
     return tf.data.Dataset.sample_from_datasets(sources, weights=[w / total for w in weights], seed=seed)
@@ -368,17 +376,13 @@ def _memory_elements(data: TrainingAudio, silence_percentage: float, unknown_per
         ]
     )
     n_wanted, n_unknown = len(data.wanted_audio), len(data.unknown_audio)
-    sources = [tf.data.Dataset.range(n_wanted).repeat().shuffle(min(n_wanted, 10000), seed=seed)]
-    weights = [100.0]
-    if n_unknown and unknown_percentage > 0:
-        unknown = tf.data.Dataset.range(n_wanted, n_wanted + n_unknown).repeat()
-        sources.append(unknown.shuffle(min(n_unknown, 10000), seed=seed + 1))
-        weights.append(unknown_percentage)
-    if silence_percentage > 0:
-        sources.append(tf.data.Dataset.from_tensors(tf.constant(n_wanted + n_unknown, tf.int64)).repeat())
-        weights.append(silence_percentage)
-    total = sum(weights)
-    indices = tf.data.Dataset.sample_from_datasets(sources, weights=[w / total for w in weights], seed=seed)
+    wanted = tf.data.Dataset.range(n_wanted).repeat().shuffle(min(n_wanted, 10000), seed=seed)
+    unknown = None
+    if n_unknown:
+        unknown = tf.data.Dataset.range(n_wanted, n_wanted + n_unknown).repeat().shuffle(
+            min(n_unknown, 10000), seed=seed + 1)
+    silence = tf.data.Dataset.from_tensors(tf.constant(n_wanted + n_unknown, tf.int64))
+    indices = _sample_kinds(wanted, unknown, silence, unknown_percentage, silence_percentage, seed)
     audio_table = tf.constant(all_audio)
     label_table = tf.constant(all_labels)
     return indices, lambda rows: (tf.gather(audio_table, rows), tf.gather(label_table, rows))
@@ -452,7 +456,7 @@ def evaluation_elements(source: ShardEvaluation) -> tf.data.Dataset:
     buckets = 1 << 30
 
     def keep(serialized):
-        record = shards.parse(serialized, source.desired_samples)
+        record = shards.parse_fields(serialized, ("label", "path"))
         is_unknown = tf.equal(table.lookup(record["label"]), source.unknown_label)
         chosen = tf.strings.to_hash_bucket_strong(record["path"], buckets, key=[source.seed, 0]) < int(
             source.unknown_share * buckets)

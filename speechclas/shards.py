@@ -311,11 +311,11 @@ def parse(serialized, desired_samples: int) -> dict:
     return record
 
 
-def parse_label(serialized):
-    """Only the label of a record: what filtering a stream by label needs, without copying the audio."""
+def parse_fields(serialized, names: Sequence[str] = ("label",)) -> dict:
+    """Only the named string fields of a record: what filtering a stream needs, without copying the audio."""
     import tensorflow as tf
 
-    return tf.io.parse_single_example(serialized, {"label": tf.io.FixedLenFeature([], tf.string)})["label"]
+    return tf.io.parse_single_example(serialized, {name: tf.io.FixedLenFeature([], tf.string) for name in names})
 
 
 def read_clips(files: Sequence[str | Path], desired_samples: int) -> list[Clip]:
