@@ -448,6 +448,7 @@ class ShardEvaluation:
     silence_count: int
     background: np.ndarray  # float32
     seed: int
+    expected_size: int  # clips it holds, the hash's choice of unknown clips counted at its mean
 
 
 def evaluation_elements(source: ShardEvaluation) -> tf.data.Dataset:

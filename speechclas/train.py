@@ -120,11 +120,7 @@ class PreparedData:
     def evaluation_size(self, split: str) -> int:
         if self.evaluation is not None:
             return len(self.evaluation[split][1])
-        source = self.evaluation_sources[split]
-        counts = self.shards.counts[split]
-        wanted = sum(counts.get(word, 0) for word in self.index.labels[2:])
-        other = sum(n for word, n in counts.items() if word not in self.index.labels)
-        return wanted + round(other * source.unknown_share) + source.silence_count
+        return self.evaluation_sources[split].expected_size
 
     def clips(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """A split's evaluation clips as arrays, for the exports' accuracies and the streaming
@@ -263,12 +259,13 @@ def _streamed(config: Config, index: data.DatasetIndex, prepared: shards.ShardSe
         wanted = prepared.clip_count(split, wanted_words)
         other = prepared.clip_count(split) - wanted
         unknown_wanted = math.ceil(wanted * config.unknown_percentage / 100)
+        silence = math.ceil(wanted * config.silence_percentage / 100) if wanted else 0
         sources[split] = pipeline.ShardEvaluation(
             files=tuple(prepared.split_files(split)), labels=index.labels, unknown_label=unknown_label,
             silence_label=silence_label, desired_samples=prepared.desired_samples,
             unknown_share=min(1.0, unknown_wanted / other) if other else 0.0,
-            silence_count=math.ceil(wanted * config.silence_percentage / 100) if wanted else 0,
-            background=background, seed=config.random_seed + number,
+            silence_count=silence, background=background, seed=config.random_seed + number,
+            expected_size=wanted + min(unknown_wanted, other) + silence,
         )
     return PreparedData(index=index, training=training, evaluation=None, skipped=skipped, synthetic=synthetic,
                         evaluation_sources=sources, shards=prepared)
