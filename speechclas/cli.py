@@ -93,7 +93,7 @@ def prepare_main(argv: list[str] | None = None) -> int:
     parser.add_argument("data_dir", metavar="DATA_DIR", help="folder of label folders of clips")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.add_argument("--config", help="configuration file (default: etc/config.yaml of the project)")
-    parser.add_argument("--jobs", type=int, help="decoding threads (default: the number of CPUs)")
+    parser.add_argument("--jobs", type=int, help="decoding processes (default: the number of CPUs; 1: this process)")
     parser.add_argument("--no-progress", action="store_true", help="log lines only, no progress bar")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)

@@ -17,7 +17,7 @@ another split or another clip length makes a new version. The label is the
 clip's folder, not a class index, so the wanted words may change too.
 
 Clips are written in a seeded random order (a shard mixes every word), in
-shards of `shard_clips` clips, decoded by a thread pool one shard at a time:
+shards of `shard_clips` clips, decoded by a pool of processes one shard at a time:
 memory is bounded by one shard whatever the dataset.
 """
 
@@ -26,14 +26,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
+import multiprocessing as mp
 import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -226,24 +228,36 @@ def _chunks(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start : start + size]
 
 
+def _decode_example(data_dir: Path, sample_rate: int, desired_samples: int, bounds: AudioLimits, relative: str):
+    """decode_clip with the path last, for a process pool's map."""
+    return decode_clip(data_dir, relative, sample_rate, desired_samples, bounds)
+
+
 def write_dataset(
     folder: Path, index: DatasetIndex, sample_rate: int, desired_samples: int, bounds: AudioLimits, *,
     jobs: int, shard_clips: int = SHARD_CLIPS, seed: int = 0, progress: bool = True,
 ) -> dict[str, Any]:
     """Decode every clip of `index` into shards in `folder`; answers the record. Unusable clips are
-    skipped, logged and listed in the record. `jobs` threads decode one shard's clips at a time."""
+    skipped, logged and listed in the record. `jobs` processes (one: this one) decode one shard's clips at a time."""
     started = time.monotonic()
     writer = ShardWriter(folder, shard_clips)
     skipped: list[SkippedClip] = []
     total = sum(len(index.splits[split]) for split in SPLITS)
     bar = tqdm(total=total, desc="Preparing clips", unit="clip", disable=not progress or total < 200)
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    decode = functools.partial(_decode_example, index.data_dir, sample_rate, desired_samples, bounds)
+    with contextlib.ExitStack() as stack:
+        mapped = map
+        if jobs > 1:  # processes: decoding threads would hand the GIL to and fro (slower than one thread)
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")))
+
+            def mapped(function, items):
+                return pool.map(function, items, chunksize=64)
+
         for split in SPLITS:
             examples = sorted(index.splits[split], key=lambda e: e.path)
             random.Random(f"{seed}-{split}").shuffle(examples)  # every shard mixes the words
             for chunk in _chunks(examples, shard_clips):
-                decoded = pool.map(
-                    lambda e: decode_clip(index.data_dir, e.path, sample_rate, desired_samples, bounds), chunk)
+                decoded = mapped(decode, [example.path for example in chunk])
                 clips = []
                 for example, clip in zip(chunk, decoded, strict=True):
                     if isinstance(clip, SkippedClip):

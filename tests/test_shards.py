@@ -48,14 +48,15 @@ def index_of(folder, validation=25, testing=25):
     return data.index_dataset(folder, ["yes", "no"], validation, testing)
 
 
-def prepare(cache, index, **kwargs):
-    return shards.prepare(cache, index, RATE, RATE, BOUNDS, progress=False, **kwargs)
+def prepare(cache, index, jobs=1, **kwargs):
+    """In this process (jobs=1), where a test can count the clips decoded."""
+    return shards.prepare(cache, index, RATE, RATE, BOUNDS, jobs=jobs, progress=False, **kwargs)
 
 
 def test_every_clip_and_label_reads_back_bit_for_bit(folder, tmp_path):
     index = index_of(folder)
     cache = shards.ShardCache(tmp_path / "cache", 10**10)
-    with prepare(cache, index, shard_clips=5) as prepared:
+    with prepare(cache, index, jobs=2, shard_clips=5) as prepared:  # decoded by a pool of 2 processes
         read = {clip.path: clip for split in data.SPLITS
                 for clip in shards.read_clips(prepared.split_files(split), RATE)}
         assert [clip.path for clip in prepared.skipped] == ["no/broken_nohash_0.wav"]
