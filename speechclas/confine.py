@@ -185,6 +185,15 @@ def check_feature_cells(config: Config, limits: Limits) -> FeatureSettings:
 
 
 # Each argument's own rule: (name, value, limits, base_dir) -> None or ConfinementError.
+def check_distribution(name: str, value: str, limits: Limits, base_dir: Path) -> None:
+    """multi_worker through the API needs the cluster's TF_CONFIG in the server's environment,
+    which the training's own process inherits."""
+    if value == "multi_worker" and not os.environ.get("TF_CONFIG", "").strip():
+        raise ConfinementError(
+            f"{name}=multi_worker needs TF_CONFIG, the cluster description, in this server's environment, and "
+            "it has none; train on this machine's devices with distribution=none or mirrored")
+
+
 ARGUMENT_RULES: dict[str, Callable[[str, Any, Limits, Path], None]] = {
     "data_dir": check_path,
     "data_splits_dir": check_path,
@@ -194,6 +203,7 @@ ARGUMENT_RULES: dict[str, Callable[[str, Any, Limits, Path], None]] = {
     "how_many_training_steps": _cap("max_train_steps", " steps"),
     "batch_size": _cap("max_batch_size"),
     "clip_duration_ms": _cap("max_clip_duration_ms", " ms"),
+    "distribution": check_distribution,
 }
 
 

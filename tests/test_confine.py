@@ -281,3 +281,12 @@ def test_the_api_process_never_imports_tensorflow():
     """Validation runs in DEEPaaS's main process, which must stay small and quick."""
     code = "import sys, speechclas.api, speechclas.confine; assert 'tensorflow' not in sys.modules, 'tensorflow'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_an_api_training_on_a_cluster_needs_the_servers_tf_config(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    with pytest.raises(confine.ConfinementError, match=r"distribution=multi_worker needs TF_CONFIG"):
+        confine.check_argument("distribution", "multi_worker", Limits.defaults(), Path("."))
+    confine.check_argument("distribution", "mirrored", Limits.defaults(), Path("."))
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker", "index": 0}}')
+    confine.check_argument("distribution", "multi_worker", Limits.defaults(), Path("."))
