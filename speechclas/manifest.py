@@ -50,7 +50,7 @@ from speechclas.fetch import redact_url
 from speechclas.limits import Limits
 from speechclas.predict import feature_sizes
 from speechclas.rundir import find_run
-from speechclas.trainproc import _die_with_parent, error_message
+from speechclas.trainproc import die_with_parent, error_message
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ class Detector:
 
 def _pool_worker(job: DetectJob, connection, parent_pid: int) -> None:
     """A spawned worker process: the run loaded once ("ready"), then a line for each entry sent, until None."""
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
     try:
         detector = Detector(job)

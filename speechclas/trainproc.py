@@ -128,7 +128,7 @@ def _is_alive(pid: int) -> bool:
 
 
 def _child_main(sender, parent_pid: int, temp_dir: str, function: Callable[..., Any], args: tuple) -> None:
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     os.environ["TMPDIR"] = temp_dir
     tempfile.tempdir = temp_dir
     if not logging.getLogger().handlers:  # a spawned process starts with no logging configured
@@ -144,7 +144,7 @@ def _child_main(sender, parent_pid: int, temp_dir: str, function: Callable[..., 
     sender.close()
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
     """Ask Linux to SIGKILL this process when its parent dies; elsewhere, do without."""
     if not sys.platform.startswith("linux"):
         return
