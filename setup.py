@@ -25,7 +25,7 @@ setup(
     python_requires=">=3.10,<3.13",
     packages=find_packages(exclude=["tests", "tests.*"]),
     include_package_data=True,
-    package_data={"speechclas": ["web/*"]},
+    package_data={"speechclas": ["web/*", "lexicon.tsv"]},
     install_requires=read_requirements("requirements.txt"),
     extras_require={
         "test": read_requirements("test-requirements.txt"),

@@ -6,7 +6,7 @@ set -euo pipefail
 
 program="$1"
 shift
-if command -v "$program" >/dev/null 2>&1 || [ -x "$program" ]; then
+if command -v "$program" >/dev/null 2>&1 || { [[ "$program" == */* ]] && [ -e "$program" ]; }; then
     echo "$program is already installed"
     exit 0
 fi

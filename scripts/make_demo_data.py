@@ -34,7 +34,8 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from speechclas.voices import LEVEL_DB_RANGE, NOISE_DB_RANGE, shape_clip, to_pcm16
+from speechclas.noise import NOISE_KINDS, write_background_noise
+from speechclas.voices import ESPEAK_ACCENTS, ESPEAK_VARIANTS, LEVEL_DB_RANGE, NOISE_DB_RANGE, shape_clip, to_pcm16
 
 logger = logging.getLogger(__name__)
 
@@ -55,31 +56,12 @@ DEFAULT_WORDS = SPEECH_COMMANDS_WORDS[:10]
 DEFAULT_UNKNOWN_WORDS = ("bed", "cat", "house")
 
 # English accents that espeak-ng ships itself (the mbrola "mb-*" voices need
-# extra packages).  "en" is the same voice as "en-gb".
-VOICES = (
-    "en",
-    "en-us",
-    "en-gb-scotland",
-    "en-gb-x-rp",
-    "en-029",
-    "en-gb-x-gbclan",
-    "en-gb-x-gbcwmd",
-    "en-us-nyc",
-)
-# Voice variants (`espeak-ng --voices=variant`) that still sound like speech.
-# Left out: robotic/effect voices, ed, iven and paul (their output clips) and
-# klatt6 and caleb (they sound exactly like klatt).
-VARIANTS = (
-    "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5",
-    "klatt", "klatt2", "klatt3", "klatt4", "klatt5",
-    "adam", "Alex", "Alicia", "Andrea", "Andy", "Annie", "anika", "aunty", "belinda",
-    "benjamin", "croak", "david", "Denis", "edward", "grandma", "grandpa",
-    "john", "Lee", "linda", "max", "Michael", "Mike", "norbert", "quincy", "rob",
-    "robert", "shelby", "steph", "travis", "victor", "whisper", "whisperf", "zac",
-)  # fmt: skip
+# extra packages; "en" is the same voice as "en-gb") and the voice variants
+# (`espeak-ng --voices=variant`) that still sound like speech.
+VOICES = ESPEAK_ACCENTS
+VARIANTS = ESPEAK_VARIANTS
 PITCH_RANGE = (30, 70)  # espeak-ng -p, 0-99, default 50
 SPEED_RANGE = (130, 200)  # espeak-ng -s, words per minute, default 175
-NOISE_KINDS = ("white_noise", "pink_noise", "brown_noise", "running_tap")
 
 
 @dataclass(frozen=True)
@@ -203,59 +185,6 @@ def make_clip(word, speaker, path, seed, full_clip, sample_rate=SAMPLE_RATE, cli
 
 def _make_clip_job(job):
     return make_clip(*job)
-
-
-def shaped_noise(samples, sample_rate, rng, exponent=0.0, band=(20.0, None)):
-    """Gaussian noise whose amplitude spectrum falls as 1/f**exponent inside `band`.
-
-    exponent 0 is white, 0.5 pink, 1 brown (red) noise.
-    """
-    spectrum = np.fft.rfft(rng.standard_normal(samples))
-    freqs = np.fft.rfftfreq(samples, 1 / sample_rate)
-    low, high = band
-    gain = np.maximum(freqs, low) ** -exponent
-    gain[freqs < low] = 0.0
-    if high is not None:
-        gain[freqs > high] = 0.0
-    return np.fft.irfft(spectrum * gain, n=samples)
-
-
-def running_tap(samples, sample_rate, rng):
-    """Water-like noise: band-limited hiss that swells and ebbs, plus droplet plinks."""
-    hiss = shaped_noise(samples, sample_rate, rng, exponent=0.3, band=(300.0, 6000.0))
-    hiss /= np.std(hiss)
-    swell = shaped_noise(samples, sample_rate, rng, exponent=0.0, band=(0.5, 6.0))
-    hiss *= 1.0 + 0.5 * swell / np.max(np.abs(swell))
-    drops = np.zeros(samples)
-    count = int(25 * samples / sample_rate)
-    t = np.arange(int(0.03 * sample_rate)) / sample_rate
-    for start, freq in zip(
-        rng.integers(0, samples - len(t), count), rng.uniform(400.0, 2500.0, count), strict=True
-    ):
-        drops[start : start + len(t)] += np.sin(2 * np.pi * freq * t) * np.exp(-t / 0.006)
-    return hiss + 3.0 * drops
-
-
-def make_noise(kind, seconds, sample_rate, rng):
-    """One long background-noise recording, at about -20 dBFS RMS."""
-    samples = int(seconds * sample_rate)
-    if kind == "running_tap":
-        noise = running_tap(samples, sample_rate, rng)
-    else:
-        exponent = {"white_noise": 0.0, "pink_noise": 0.5, "brown_noise": 1.0}[kind]
-        noise = shaped_noise(samples, sample_rate, rng, exponent=exponent)
-    noise *= 0.1 / np.std(noise)
-    return noise / max(1.0, np.max(np.abs(noise)) / 0.95)
-
-
-def write_background_noise(out_dir, seconds, seed, sample_rate=SAMPLE_RATE):
-    """Write the `_background_noise_` folder that silence and noise mixing read from."""
-    folder = out_dir / BACKGROUND_NOISE_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    for index, kind in enumerate(NOISE_KINDS):
-        rng = np.random.default_rng([seed, index])
-        noise = make_noise(kind, seconds, sample_rate, rng)
-        sf.write(folder / f"{kind}.wav", to_pcm16(noise), sample_rate, subtype="PCM_16")
 
 
 def write_readme(out_dir, command, words, unknown_words, speakers, noise_seconds, version):
@@ -417,7 +346,7 @@ def main(argv=None):
         min(word_seconds), max(word_seconds), np.mean(word_seconds), too_long,
     )
     if args.noise_seconds > 0:
-        write_background_noise(args.out, args.noise_seconds, args.seed)
+        write_background_noise(args.out / BACKGROUND_NOISE_DIR, args.noise_seconds, args.seed, SAMPLE_RATE)
     given = sys.argv[1:] if argv is None else argv
     command = shlex.join(["python", "scripts/make_demo_data.py", *given])
     write_readme(

@@ -97,6 +97,9 @@ class Config:
     mixup_alpha: float = _field("audio_processor")
     synthetic_voices: tuple = _field("audio_processor")
     synthetic_speakers: int = _field("audio_processor")
+    unknown_words: tuple = _field("audio_processor")
+    unknown_word_clips: int = _field("audio_processor")
+    text_only: bool = _field("audio_processor")
     validation_percentage: float = _field("audio_processor")
     testing_percentage: float = _field("audio_processor")
     # training_parameters
@@ -312,8 +315,8 @@ def check_label_names(words: Sequence[str]) -> None:
 # Rules of one parameter beyond its type, choices and range.
 _VALUE_RULES: dict[str, Callable[[Any], None]] = {"wanted_words": check_label_names}
 # Lists that may be given empty: no SNR range keeps the recipe's background_volume rule;
-# no synthetic voices adds none.
-_MAY_BE_EMPTY = {"background_snr_db", "synthetic_voices"}
+# no synthetic voices adds none; no unknown words says none.
+_MAY_BE_EMPTY = {"background_snr_db", "synthetic_voices", "unknown_words"}
 
 
 def coerce_value(spec: ParamSpec, value: Any) -> Any:
@@ -360,6 +363,10 @@ def _check_consistency(values: Mapping[str, Any]) -> None:
     snr = values["background_snr_db"]
     if snr and (len(snr) != 2 or snr[0] > snr[1]):
         raise ConfigError(f"parameter 'background_snr_db' must be empty or 'low,high' with low <= high, got {snr}")
+    if (values["unknown_words"] or values["text_only"]) and not values["synthetic_voices"]:
+        needs = "text_only" if values["text_only"] else "unknown_words"
+        raise ConfigError(f"parameter {needs!r} needs synthetic_voices: the engines that say the words "
+                          "(espeak-ng, flite, festival)")
     if values["validation_percentage"] + values["testing_percentage"] >= 100:
         raise ConfigError(
             "parameters 'validation_percentage' + 'testing_percentage' must leave speakers for training"

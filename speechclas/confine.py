@@ -25,6 +25,7 @@ from typing import Any
 
 import soundfile
 
+from speechclas import said
 from speechclas.config import Config, ConfigError
 from speechclas.data import AUDIO_SUFFIXES, BACKGROUND_NOISE_DIR, SPLIT_FILES, SPLITS
 from speechclas.features import FeatureSettings, settings_from_config
@@ -250,8 +251,12 @@ def count_clips(data_dir: Path, wanted_words: Sequence[str], splits_dir: Path | 
 
 
 def synthetic_clip_count(config: Config, clips: ClipCount) -> int:
-    """Clips `synthetic_voices` would add: every word once by each speaker of each engine."""
-    return len(config.synthetic_voices) * config.synthetic_speakers * clips.words
+    """Clips `synthetic_voices` would say: every word once by each speaker of each engine, and the
+    unknown_words clips; with text_only, the wanted words (the data folder is not read)."""
+    if config.text_only:
+        return said.clip_count(config)
+    unknown = config.unknown_word_clips if config.unknown_words else 0
+    return len(config.synthetic_voices) * config.synthetic_speakers * clips.words + unknown
 
 
 def _entries(folder: Path) -> list[os.DirEntry]:

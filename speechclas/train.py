@@ -34,9 +34,11 @@ from speechclas import (
     distribution,
     export,
     export_accuracy,
+    lexicon,
     metrics,
     normalization,
     pipeline,
+    said,
     shards,
     streaming,
     tracking,
@@ -140,9 +142,10 @@ class PreparedData:
         """How many clips synthetic_voices added and how many it could not make, for metrics.json."""
         clips = self.synthetic
         if clips is None:
-            return {"clips": 0, "words": 0, "failed": 0, "failed_examples": []}
+            return {"clips": 0, "words": 0, "unknown_texts": 0, "failed": 0, "failed_examples": []}
         failures = clips.extra.get("failures", [])
         return {"clips": clips.clip_count(shards.SYNTHETIC_SPLIT), "words": len(clips.counts[shards.SYNTHETIC_SPLIT]),
+                "unknown_texts": len(clips.extra.get("synthetic", {}).get("unknown", [])),
                 "failed": len(failures),
                 "failed_examples": [{"word": word, "speaker": speaker, "error": reason}
                                     for word, speaker, reason in failures[:SKIPPED_EXAMPLES]]}
@@ -271,28 +274,47 @@ def _streamed(config: Config, index: data.DatasetIndex, prepared: shards.ShardSe
                         evaluation_sources=sources, shards=prepared)
 
 
+@contextlib.contextmanager
+def _said_data_dir(config: Config, settings: FeatureSettings, data_dir: Path, limits: Limits,
+                   base_dir: Path | None):
+    """A text_only training's data folder (speechclas.said), said now or reused; an engine that cannot run
+    is a DataError."""
+    cache = said.said_cache(shards.shard_cache(limits.shard_cache_dir, limits.shard_cache_bytes, base_dir).folder,
+                            limits.shard_cache_bytes)
+    try:
+        voices.check_engines(config.synthetic_voices)
+        with said.said_folder(config, settings.sample_rate, settings.desired_samples, data_dir, cache) as (folder, _):
+            yield folder
+    except voices.VoicesError as exc:
+        raise data.DataError(str(exc)) from None
+
+
 def synthesize_training_clips(
     config: Config, settings: FeatureSettings, words: list[str], cache: shards.ShardCache,
     held: contextlib.ExitStack,
 ) -> shards.ShardSet | None:
     """The training words said by `config.synthetic_speakers` speakers of each engine of
-    `config.synthetic_voices` (None when it is empty), as shards in the cache: said once, reused by
-    a later training with the same words, engines, speakers and seed. An engine that cannot run is a DataError."""
-    if not config.synthetic_voices:
+    `config.synthetic_voices` (None when it is empty), and the texts of `config.unknown_words`
+    (speechclas.lexicon) once each, as shards in the cache: said once, reused by a later training
+    with the same words, engines, speakers and seed. An engine that cannot run is a DataError."""
+    if not config.synthetic_voices or config.text_only:  # text_only: every clip is in its said folder
         return None
+    unknown = lexicon.unknown_texts(config.wanted_words, config.unknown_words, config.unknown_word_clips,
+                                    config.random_seed, reserved=words) if config.unknown_words else []
     description = {"words": sorted(words), "engines": list(config.synthetic_voices),
                    "speakers": config.synthetic_speakers, "seed": config.random_seed,
-                   "sample_rate": settings.sample_rate, "desired_samples": settings.desired_samples}
+                   "sample_rate": settings.sample_rate, "desired_samples": settings.desired_samples,
+                   "unknown": unknown}
 
     def say(staging: Path) -> dict:
-        said = voices.synthesize_clips(
+        clips_said = voices.synthesize_clips(
             words, config.synthetic_voices, config.synthetic_speakers, config.random_seed, settings.sample_rate,
-            settings.desired_samples, jobs=os.cpu_count() or 1,
+            settings.desired_samples, jobs=os.cpu_count() or 1, unknown=unknown,
         )
         clips = (shards.Clip(audio, word, "synthetic", shards.SYNTHETIC_SPLIT, f"synthetic/{number}/{word}")
-                 for number, (audio, word) in enumerate(zip(said.audio, said.words, strict=True)))
+                 for number, (audio, word) in enumerate(zip(clips_said.audio, clips_said.words, strict=True)))
         return shards.write_clips(staging, shards.SYNTHETIC_SPLIT, clips, settings.sample_rate,
-                                  settings.desired_samples, failures=[list(f) for f in said.failures],
+                                  settings.desired_samples, failures=[list(f) for f in clips_said.failures],
                                   synthetic=description)
 
     try:
@@ -573,6 +595,10 @@ def train(
         with datasource.open_data_dir(config, base_dir, limits) as source:
             data_dir = source.data_dir
             splits_dir = config.path("data_splits_dir", base_dir)
+            if config.text_only:  # the engines say the words into a data folder of their own
+                data_dir = held.enter_context(_said_data_dir(config, settings, data_dir, limits, base_dir))
+                source = datasource.DataSource(data_dir=data_dir)
+                splits_dir = data_dir / said.SPLITS_FOLDER
             if confined:  # a data_url's clips are known only now
                 confine.check_memory(config, settings, data_dir, splits_dir, limits)
             prepared = prepare_data(config, settings, data_dir, splits_dir, limits, held=held, base_dir=base_dir,

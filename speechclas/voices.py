@@ -6,8 +6,9 @@ on flite's and festival's voices; with speakers of one of those engines added
 to its training data it reaches 0.81 on the other (README, "Time to accuracy"). The
 `synthetic_voices` training parameter therefore adds clips of every word of
 the training split, said by speakers of the engines installed on the server
-(flite, festival), to the training clips only: validation and test stay the
-user's own data.
+(espeak-ng, flite, festival), to the training clips only: validation and
+test stay the user's own data. The same speakers say `unknown_words`
+(speechclas.lexicon) and, for a training from text alone, every word.
 
 A speaker is a voice of an engine with a duration stretch, a pitch factor and
 a level; a clip is post-processed as scripts/make_demo_data.py's clips are
@@ -40,17 +41,36 @@ NOISE_DB_RANGE = (-65.0, -50.0)  # RMS of the noise floor under each clip, dBFS
 STRETCH_RANGE = (0.8, 1.25)  # duration stretch, >1 is slower
 PITCH_FACTOR_RANGE = (0.8, 1.25)  # f0 times the voice's own
 
-# Each engine's English voices, with whether its pitch can be set. flite's
+# espeak-ng's English accents and the voice variants that still sound like speech (left out:
+# robotic and effect voices, ed, iven and paul, whose output clips, klatt6 and caleb, which sound
+# exactly like klatt). scripts/make_demo_data.py draws the demo's speakers from them.
+ESPEAK_ACCENTS = ("en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-gb-x-gbcwmd",
+                  "en-us-nyc")
+ESPEAK_KLATT_VARIANTS = ("klatt", "klatt2", "klatt3", "klatt4", "klatt5")
+ESPEAK_VARIANTS = (
+    "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5", *ESPEAK_KLATT_VARIANTS,
+    "adam", "Alex", "Alicia", "Andrea", "Andy", "Annie", "anika", "aunty", "belinda",
+    "benjamin", "croak", "david", "Denis", "edward", "grandma", "grandpa",
+    "john", "Lee", "linda", "max", "Michael", "Mike", "norbert", "quincy", "rob",
+    "robert", "shelby", "steph", "travis", "victor", "whisper", "whisperf", "zac",
+)  # fmt: skip
+ESPEAK_SPEED = 175  # espeak-ng's own words per minute, divided by a speaker's stretch
+ESPEAK_PITCH = 50  # espeak-ng's own -p (0-99), times a speaker's pitch factor
+# Each engine's English voices, with whether its pitch can be set. espeak-ng's synthetic speakers
+# leave out the klatt variants, so the benchmark's klatt family stays a kind of voice never heard. flite's
 # awb_time only speaks times of day, so it is left out; rms ignores f0_shift.
 # Festival's diphone voices take a target f0 mean (105 Hz is their own); the
 # HTS voice takes a speed (hts_engine's -r) but no pitch.
 ENGINE_VOICES: Mapping[str, Mapping[str, bool]] = {
+    "espeak-ng": {f"{accent}+{variant}": True for accent in ESPEAK_ACCENTS for variant in ESPEAK_VARIANTS
+                  if variant not in ESPEAK_KLATT_VARIANTS},
     "flite": {"kal": True, "kal16": True, "awb": True, "slt": True, "rms": False},
     "festival": {"kal_diphone": True, "ked_diphone": True, "cmu_us_slt_arctic_hts": False},
 }
 FESTIVAL_F0_MEAN = 105
 # The program each engine runs and the Debian packages that install it with its voices.
 ENGINE_PROGRAMS: Mapping[str, tuple[str, tuple[str, ...]]] = {
+    "espeak-ng": ("espeak-ng", ("espeak-ng",)),
     "flite": ("flite", ("flite",)),
     "festival": ("text2wave", ("festival", "festvox-kallpc16k", "festvox-kdlpc16k", "festvox-us-slt-hts")),
 }
@@ -104,6 +124,10 @@ def choose_engine_speakers(engine: str, count: int, seed: int) -> list[EngineSpe
 
 def engine_command(text_file: Path, speaker: EngineSpeaker, out: Path) -> list[str]:
     """The command that says the text of `text_file` as `speaker` into the wav file `out`."""
+    if speaker.engine == "espeak-ng":
+        pitch = min(99, max(0, round(ESPEAK_PITCH * speaker.pitch)))
+        return ["espeak-ng", "-v", speaker.voice, "-s", str(round(ESPEAK_SPEED / speaker.stretch)), "-p", str(pitch),
+                "-f", str(text_file), "-w", str(out)]
     if speaker.engine == "flite":
         return ["flite", "-voice", speaker.voice, "--setf", f"duration_stretch={speaker.stretch:g}",
                 "--setf", f"f0_shift={speaker.pitch:g}", "-f", str(text_file), "-o", str(out)]
@@ -231,11 +255,12 @@ def shape_clip(audio: np.ndarray, rate: int, level_db: float, rng: random.Random
 @dataclasses.dataclass(frozen=True)
 class SyntheticClips:
     """Clips said by other engines: int16 audio [clips, samples] (as data.load_clips
-    gives), the word of each, and what could not be said (word, speaker id, reason)."""
+    gives), the word (or text) and speaker of each, and what could not be said (word, speaker id, reason)."""
 
     audio: np.ndarray
     words: tuple[str, ...]
     failures: tuple[tuple[str, str, str], ...]
+    speakers: tuple[str, ...] = ()  # the speaker id of each clip
 
 
 def sayable_words(words: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -244,11 +269,27 @@ def sayable_words(words: Sequence[str]) -> tuple[list[str], list[str]]:
     return said, [word for word in words if not _SAYABLE.match(word)]
 
 
+def engine_speakers(engines: Sequence[str], per_engine: int, seed: int) -> list[EngineSpeaker]:
+    """`per_engine` speakers of each engine, drawn from `seed` (the same speakers for the same arguments)."""
+    return [speaker for number, engine in enumerate(engines)
+            for speaker in choose_engine_speakers(engine, per_engine, seed * 1000 + number)]
+
+
+def speaker_tasks(texts: Sequence[str], speakers: Sequence[EngineSpeaker], seed: int) -> list[tuple[str, EngineSpeaker]]:
+    """Each text said by one speaker, the speakers taken in turn in a seeded order, so a text that
+    comes several times is said by different speakers and every engine says its share."""
+    order = list(speakers)
+    random.Random(f"{seed}:unknown").shuffle(order)
+    return [(text, order[number % len(order)]) for number, text in enumerate(texts)] if order else []
+
+
 def synthesize_clips(
     words: Sequence[str], engines: Sequence[str], speakers_per_engine: int, seed: int, sample_rate: int,
     clip_samples: int, jobs: int, synthesize: Callable[[str, EngineSpeaker], tuple[np.ndarray, int]] | None = None,
+    unknown: Sequence[str] = (),
 ) -> SyntheticClips:
-    """Every word said once by each of `speakers_per_engine` speakers of each engine.
+    """Every word said once by each of `speakers_per_engine` speakers of each engine, and each
+    text of `unknown` (speechclas.lexicon.unknown_texts) once by one of those speakers.
 
     Speakers and each clip's placement are drawn from `seed`, so a training
     with the same parameters gets the same clips. A clip an engine fails on is
@@ -259,9 +300,8 @@ def synthesize_clips(
     if unsaid:
         logger.warning("synthetic_voices: not saying %d folder names that are not words: %s",
                        len(unsaid), ", ".join(unsaid[:10]))
-    speakers = [speaker for number, engine in enumerate(engines)
-                for speaker in choose_engine_speakers(engine, speakers_per_engine, seed * 1000 + number)]
-    tasks = [(word, speaker) for speaker in speakers for word in said]
+    speakers = engine_speakers(engines, speakers_per_engine, seed)
+    tasks = [(word, speaker) for speaker in speakers for word in said] + speaker_tasks(unknown, speakers, seed)
     say = synthesize or synthesize_with_engine
 
     def one(task: tuple[str, EngineSpeaker]) -> np.ndarray | str:
@@ -283,11 +323,12 @@ def synthesize_clips(
         first = next((reason for (_, speaker), reason in zip(tasks, results, strict=True)
                       if speaker.engine == engine and isinstance(reason, str)), None)
         if not made and first is not None:  # e.g. the program is there but not its voices
-            raise VoicesError(f"{engine} could not say any of the {len(said)} words ({first}); install its "
+            raise VoicesError(f"{engine} could not say any of the {len(tasks)} words ({first}); install its "
                               f"voices with `bash {INSTALLER}` or leave it out of synthetic_voices")
     for word, speaker_id, reason in failures[:5]:
         logger.warning("synthetic_voices: could not say %r as speaker %s: %s", word, speaker_id, reason)
     audio = np.stack([results[i] for i in kept]) if kept else np.zeros((0, clip_samples), np.int16)
-    logger.info("synthetic_voices: %d clips of %d words by %d speakers of %s (%d failed)",
-                len(kept), len(said), len(speakers), ", ".join(engines), len(failures))
-    return SyntheticClips(audio=audio, words=tuple(tasks[i][0] for i in kept), failures=failures)
+    logger.info("synthetic_voices: %d clips of %d words and %d unknown texts by %d speakers of %s (%d failed)",
+                len(kept), len(said), len(unknown), len(speakers), ", ".join(engines), len(failures))
+    return SyntheticClips(audio=audio, words=tuple(tasks[i][0] for i in kept), failures=failures,
+                          speakers=tuple(tasks[i][1].id for i in kept))
