@@ -83,11 +83,32 @@ UNSEEN_VOICES = (
 ROUND1 = "model_architecture=ds_cnn how_many_training_steps=1000,300 learning_rate=0.001,0.0001"
 AUGMENTATION_OFF = ("speed_perturbation=0 pitch_perturbation=0 background_snr_db= gain_db=0 "
                     "spec_time_masks=0 spec_freq_masks=0 mixup_alpha=0")
+# The study of round 3 (README, "Time to accuracy"): one change at a time to a base of
+# 1,500 steps whose training voices are espeak-ng's and flite's, so festival's family is a kind
+# of voice it never heard (`--families other-languages,klatt,channel,festival`, `--seeds 1,2`).
+STUDY_BASE = (
+    "model_architecture=tc_resnet8 preprocess=logmel feature_normalization=dataset "
+    "speed_perturbation=0.1 pitch_perturbation=0.1 background_snr_db=5,20 gain_db=6 "
+    "spec_time_masks=2 spec_time_mask_ms=100 spec_freq_masks=2 spec_freq_mask_bins=5 "
+    "learning_rate_schedule=cosine warmup_steps=100 label_smoothing=0.1 "
+    "how_many_training_steps=1400,100 learning_rate=0.003,0.00003 "
+    "synthetic_voices=flite synthetic_speakers=16 streaming_minutes=0"
+)
+STUDY_CHANGES = {
+    "base": "",
+    "lexicon": "unknown_words=lexicon unknown_word_clips=600",
+    "espeak_speakers": "synthetic_voices=espeak-ng,flite",
+    "pcen": "preprocess=pcen feature_normalization=none",
+    "vtlp_wide": "pitch_perturbation=0.2 speed_perturbation=0.15",
+    "mixup": "mixup_alpha=0.2",
+    "bc_resnet": "model_architecture=bc_resnet model_width=2",
+}
 RECIPES = {
     "round1": f"{ROUND1} {AUGMENTATION_OFF}",  # as round 1 trained it: no augmentation beyond the recipe's
     "ds_cnn_defaults": ROUND1,  # the same with today's default augmentation
     "unseen_voices": UNSEEN_VOICES,
     "quickstart": quickstart_text(),
+    **{f"study_{name}": f"{STUDY_BASE} {change}".strip() for name, change in STUDY_CHANGES.items()},
 }
 GIVEN = "given"  # the budget that trains a recipe with its own steps
 KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
@@ -225,28 +246,43 @@ def score_family(predictor, clips: Sequence[tuple[Path, str]], wanted_words: Seq
         predicted.append(predictor.predict(audio, top_k=1)["predictions"][0]["label"])
     return {
         "balanced_accuracy": balanced_accuracy(truth, predicted, [*wanted_words, UNKNOWN]),
+        "keyword_recall": balanced_accuracy(truth, predicted, wanted_words),
+        "unknown_recall": balanced_accuracy(truth, predicted, [UNKNOWN]),
         "accuracy": sum(t == p for t, p in zip(truth, predicted, strict=True)) / len(truth),
         "clips": len(truth),
     }
 
 
-def summary(balanced: Mapping[str, float]) -> dict[str, float | None]:
+def summary(balanced: Mapping[str, float], keyword: Mapping[str, float] | None = None,
+            unknown: Mapping[str, float] | None = None) -> dict[str, float | None]:
     """overall: the mean over all families; other_engines: the mean over the other
-    engines' families among them (None when none was scored)."""
+    engines' families among them (None when none was scored); keyword_recall and
+    unknown_recall: their means over all families (when given)."""
     engines = [balanced[family] for family in ENGINE_FAMILIES if family in balanced]
-    return {
+    figures = {
         "overall": round(sum(balanced.values()) / len(balanced), 4),
         "other_engines": round(sum(engines) / len(engines), 4) if engines else None,
     }
+    for name, values in (("keyword_recall", keyword), ("unknown_recall", unknown)):
+        if values:
+            figures[name] = round(sum(values.values()) / len(values), 4)
+    return figures
+
+
+# A score of score_family -> its name in a row (per family); the means over families are summary's.
+PER_FAMILY = {"balanced_accuracy": "balanced_accuracy", "keyword_recall": "keyword_recall_by_family",
+              "unknown_recall": "unknown_recall_by_family", "clips": "clips"}
 
 
 def score_predictor(predictor, families: Mapping[str, Path], wanted_words: Sequence[str]) -> dict:
-    """Balanced accuracy per family and its summaries, and the clips scored per family."""
+    """Balanced accuracy, keyword recall and unknown recall per family, their summaries, and the clips
+    scored per family."""
     scores = {family: score_family(predictor, family_clips(folder, wanted_words), wanted_words)
               for family, folder in families.items()}
-    balanced = {family: round(score["balanced_accuracy"], 4) for family, score in scores.items()}
-    return {"balanced_accuracy": balanced, **summary(balanced),
-            "clips": {family: score["clips"] for family, score in scores.items()}}
+    per_family = {key: {family: round(score[name], 4) for family, score in scores.items()}
+                  for name, key in PER_FAMILY.items()}
+    return {**per_family, **summary(per_family["balanced_accuracy"], per_family["keyword_recall_by_family"],
+                                    per_family["unknown_recall_by_family"])}
 
 
 def score_run(run_dir: Path, families: Mapping[str, Path]) -> dict:
@@ -528,6 +564,7 @@ def run_one(recipe: str, overrides: Mapping[str, str], budget_min: float | None,
     return {
         "recipe": recipe,
         "architecture": config.model_architecture,
+        "seed": config.random_seed,
         "budget_min": budget_min,
         "steps": int(result.metrics["steps"]),
         "train_s": round(train_s, 1),
@@ -552,30 +589,35 @@ def score_heldout(predictor, config, families: Mapping[str, Path], base_dir: Pat
 
     trained_on = [engine for engine in ENGINE_FAMILIES if engine in config.synthetic_voices and engine in families]
     heldout = {family: folder for family, folder in families.items() if family not in trained_on}
-    scores = score_predictor(predictor, heldout, config.wanted_words)
+    scores = (score_predictor(predictor, heldout, config.wanted_words) if heldout
+              else {key: {} for key in PER_FAMILY.values()})
     left_out = {}
     for engine in trained_on:
         without = config.replace(synthetic_voices=tuple(e for e in config.synthetic_voices if e != engine))
         result, _, _ = timed_training(without, base_dir)
         engine_scores = score_predictor(Predictor.load(result.run), {engine: families[engine]}, config.wanted_words)
-        scores["balanced_accuracy"][engine] = engine_scores["balanced_accuracy"][engine]
-        scores["clips"][engine] = engine_scores["clips"][engine]
+        for key in PER_FAMILY.values():
+            scores[key][engine] = engine_scores[key][engine]
         left_out[engine] = str(result.run.root)
-    balanced = {family: scores["balanced_accuracy"][family] for family in families}
-    return {**scores, "balanced_accuracy": balanced, **summary(balanced), "left_out_runs": left_out}
+    per_family = {key: {family: scores[key][family] for family in families} for key in PER_FAMILY.values()}
+    return {**per_family, **summary(per_family["balanced_accuracy"], per_family["keyword_recall_by_family"],
+                                    per_family["unknown_recall_by_family"]), "left_out_runs": left_out}
 
 
 def markdown_table(rows: Sequence[dict], families: Sequence[str]) -> str:
-    header = ["recipe", "architecture", "budget (min)", "steps", "training (s)", "parameters", "latency (ms)",
-              "espeak validation", *families, "held-out overall", "other engines"]
+    header = ["recipe", "architecture", "seed", "budget (min)", "steps", "training (s)", "parameters",
+              "latency (ms)", "espeak validation", *families, "held-out overall", "keyword recall",
+              "unknown recall", "other engines"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["recipe"], row["architecture"], GIVEN if row["budget_min"] is None else f"{row['budget_min']:g}", str(row["steps"]),
+        cells = [row["recipe"], row["architecture"], str(row.get("seed", "")),
+                 GIVEN if row["budget_min"] is None else f"{row['budget_min']:g}", str(row["steps"]),
                  f"{row['train_s']:.0f}", f"{row['parameters']:,}", f"{row['latency_ms']:.2f}",
                  f"{row['validation_accuracy']:.3f}",
                  *(f"{row['balanced_accuracy'][f]:.3f}" + ("*" if f in row.get("left_out_runs", {}) else "")
                    for f in families),
-                 f"{row['overall']:.3f}", _bold(row["other_engines"])]
+                 f"{row['overall']:.3f}", _figure(row.get("keyword_recall")), _figure(row.get("unknown_recall")),
+                 _bold(row["other_engines"])]
         lines.append("| " + " | ".join(cells) + " |")
     if any(row.get("left_out_runs") for row in rows):
         lines.append("\n\\* scored on a training of the same recipe without that engine in `synthetic_voices`.")
@@ -584,6 +626,10 @@ def markdown_table(rows: Sequence[dict], families: Sequence[str]) -> str:
 
 def _bold(value: float | None) -> str:
     return "" if value is None else f"**{value:.3f}**"
+
+
+def _figure(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
 
 
 def combinations(recipes: Mapping[str, str], architectures: Sequence[str], specs: Mapping):
@@ -619,6 +665,12 @@ def parse_args(argv=None):
     parser.add_argument("--engine-speakers", type=int, default=24,
                         help="speakers of each other engine's family, flite and festival (each says the 30 words once)")
     parser.add_argument("--wanted-words", default=",".join(KEYWORDS), help="the keywords; the other words are unknown")
+    parser.add_argument("--seeds", default="",
+                        help="comma-separated random_seed values, each recipe trained once with each "
+                             "(default: config.yaml's)")
+    parser.add_argument("--families", default="",
+                        help="comma-separated families to score (default: all); leave out an engine a recipe "
+                             "trains on to score only voices it never heard")
     parser.add_argument("--calibration-steps", type=int, default=30)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes making the data")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
@@ -643,6 +695,8 @@ def parse_args(argv=None):
         parser.error(f"unknown recipes {unknown}; known: {', '.join(RECIPES)}")
     args.recipes = {name: RECIPES[name] for name in args.recipes.split(",") if name}
     args.architectures = [a for a in args.architectures.split(",") if a]
+    args.seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+    args.families = [family for family in args.families.split(",") if family]
     return args
 
 
@@ -658,7 +712,7 @@ def main(argv=None) -> None:
     work_dir = args.work_dir.resolve()
     sizes = DataSizes(args.training_speakers, args.heldout_speakers, engine_speakers=args.engine_speakers)
     training = build_training_set(work_dir, sizes, args.jobs)
-    families = build_heldout_families(work_dir, sizes, args.jobs)
+    families = build_heldout_families(work_dir, sizes, args.jobs, args.families or None)
     for family, folder in families.items():
         shared = speaker_ids(folder) & speaker_ids(training)
         if shared:
@@ -681,7 +735,10 @@ def main(argv=None) -> None:
     base = {"data_dir": str(training), "data_url": "", "models_dir": str(work_dir / "models"),
             "data_splits_dir": str(work_dir / "no-split-lists"), "wanted_words": args.wanted_words}
     rows = []
-    for name, overrides in combinations(args.recipes, args.architectures, specs):
+    seeded = [(name, {**overrides, **({"random_seed": str(seed)} if seed is not None else {})})
+              for name, overrides in combinations(args.recipes, args.architectures, specs)
+              for seed in (args.seeds or [None])]
+    for name, overrides in seeded:
         overrides = {**overrides, **base}
         try:
             config = load_config(overrides, specs=specs)

@@ -34,6 +34,7 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
+from speechclas import lexicon
 from speechclas.noise import NOISE_KINDS, write_background_noise
 from speechclas.voices import ESPEAK_ACCENTS, ESPEAK_VARIANTS, LEVEL_DB_RANGE, NOISE_DB_RANGE, shape_clip, to_pcm16
 
@@ -53,7 +54,9 @@ SPEECH_COMMANDS_WORDS = (
     "backward", "forward", "follow", "learn", "visual",
 )  # fmt: skip
 DEFAULT_WORDS = SPEECH_COMMANDS_WORDS[:10]
-DEFAULT_UNKNOWN_WORDS = ("bed", "cat", "house")
+DEFAULT_UNKNOWN_WORDS = SPEECH_COMMANDS_WORDS[10:30]  # the 20 other words of v0.01, as _unknown_
+DEFAULT_NEAR_MISSES = 20  # near-misses of the keywords (speechclas.lexicon), each said by a few speakers
+DEFAULT_NEAR_MISS_SPEAKERS = 8
 
 # English accents that espeak-ng ships itself (the mbrola "mb-*" voices need
 # extra packages; "en" is the same voice as "en-gb") and the voice variants
@@ -187,7 +190,7 @@ def _make_clip_job(job):
     return make_clip(*job)
 
 
-def write_readme(out_dir, command, words, unknown_words, speakers, noise_seconds, version):
+def write_readme(out_dir, command, words, unknown_words, speakers, noise_seconds, version, near=(), near_speakers=0):
     """Record how the data was made, next to the data."""
     rows = "\n".join(
         f"| {s.id} | {s.voice} | {s.variant} | {s.pitch} | {s.speed} | {s.level_db:.1f} |"
@@ -212,6 +215,8 @@ Made by `scripts/make_demo_data.py` with the espeak-ng speech synthesizer
   every speaker says every word once.
 - Keywords: {", ".join(words)}.
 - Unknown (filler) words: {", ".join(unknown_words) or "none"}.
+- Near-misses of the keywords (found by sound in speechclas' lexicon), each said by
+  {near_speakers} of the speakers, {len(near) * min(near_speakers, len(speakers))} clips, also unknown: {", ".join(near) or "none"}.
 - Layout and format as in speech_commands: `<word>/<speaker>_nohash_0.wav`,
   1 s clips of 16 kHz, 16-bit PCM, mono.
 - {noise}
@@ -274,6 +279,15 @@ def parse_args(argv=None):
         f"(default: {','.join(DEFAULT_UNKNOWN_WORDS)})",
     )
     parser.add_argument(
+        "--near-misses", type=int, default=DEFAULT_NEAR_MISSES,
+        help="near-misses of the keywords found by sound in speechclas' lexicon (cup for up, top for "
+        "stop), taken in turn over the keywords, as more unknown words; 0 writes none",
+    )
+    parser.add_argument(
+        "--near-miss-speakers", type=int, default=DEFAULT_NEAR_MISS_SPEAKERS,
+        help="speakers (of --speakers, drawn per word) who say each near-miss",
+    )
+    parser.add_argument(
         "--voices",
         help="comma-separated espeak-ng voices (`espeak-ng --voices`) to draw speakers from; "
         "another language's voice reads the English words with its own rules, an accent "
@@ -320,11 +334,17 @@ def main(argv=None):
     ensure_espeak()
     started = time.monotonic()
     speakers = choose_speakers(args.speakers, args.seed, args.voices, args.variants)
+    near = lexicon.nearest_in_turn(args.words, args.near_misses, reserved=args.words + args.unknown_words)
     words = args.words + args.unknown_words
     jobs = [
         (word, speaker, args.out / word / f"{speaker.id}_nohash_0.wav", args.seed, args.full_clips)
         for word in words
         for speaker in speakers
+    ]
+    jobs += [
+        (word, speaker, args.out / word / f"{speaker.id}_nohash_0.wav", args.seed, args.full_clips)
+        for word in near
+        for speaker in random.Random(f"{args.seed}:{word}").sample(speakers, min(args.near_miss_speakers, len(speakers)))
     ]
     stale = set(args.out.glob("*/*_nohash_*.wav")) - {job[2] for job in jobs}
     if stale:
@@ -351,7 +371,7 @@ def main(argv=None):
     command = shlex.join(["python", "scripts/make_demo_data.py", *given])
     write_readme(
         args.out, command, args.words, args.unknown_words, speakers, args.noise_seconds,
-        espeak_version(),
+        espeak_version(), near, args.near_miss_speakers,
     )
     logger.info("Done in %.1f s", time.monotonic() - started)
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import soundfile
 
-from speechclas import said
+from speechclas import noise, said
 from speechclas.config import Config, ConfigError
 from speechclas.data import AUDIO_SUFFIXES, BACKGROUND_NOISE_DIR, SPLIT_FILES, SPLITS
 from speechclas.features import FeatureSettings, settings_from_config
@@ -250,6 +250,15 @@ def count_clips(data_dir: Path, wanted_words: Sequence[str], splits_dir: Path | 
     return ClipCount(wanted=counts[True], other=counts[False], background_seconds=background, words=len(words))
 
 
+def said_clip_count(config: Config, data_dir: Path) -> ClipCount:
+    """The clips of a text_only training's said folder (speechclas.said), before they are said."""
+    wanted = len(config.synthetic_voices) * config.synthetic_speakers * len(config.wanted_words)
+    given = sum(_seconds(Path(entry.path)) for entry in _entries(data_dir / BACKGROUND_NOISE_DIR) if _is_audio(entry))
+    background = given or len(noise.NOISE_KINDS) * said.NOISE_SECONDS
+    return ClipCount(wanted=wanted, other=config.unknown_word_clips, background_seconds=background,
+                     words=len(config.wanted_words))
+
+
 def synthetic_clip_count(config: Config, clips: ClipCount) -> int:
     """Clips `synthetic_voices` would say: every word once by each speaker of each engine, and the
     unknown_words clips; with text_only, the wanted words (the data folder is not read)."""
@@ -354,14 +363,17 @@ def check_memory(
     Called at validation for a data_dir, and by the training itself once a
     data_url is downloaded, before any clip is loaded.
     """
-    clips = count_clips(data_dir, config.wanted_words, splits_dir)
+    clips = said_clip_count(config, data_dir) if config.text_only else count_clips(data_dir, config.wanted_words,
+                                                                                      splits_dir)
     synthetic = synthetic_clip_count(config, clips)
     if synthetic > limits.max_synthetic_clips:
+        what = "the wanted words" if config.text_only else f"{clips.words} words of the data"
+        unknown = f" and unknown_word_clips={config.unknown_word_clips}" if config.unknown_words or config.text_only else ""
         raise ConfinementError(
             f"synthetic_voices={','.join(config.synthetic_voices)} with synthetic_speakers="
-            f"{config.synthetic_speakers} would say {synthetic} clips ({clips.words} words of the data), above "
+            f"{config.synthetic_speakers}{unknown} would say {synthetic} clips ({what}), above "
             f"this server's limit of {limits.max_synthetic_clips} ({_operator_variable('max_synthetic_clips')}); "
-            "use fewer synthetic_speakers or engines"
+            "use fewer synthetic_speakers, engines or unknown_word_clips"
         )
     estimate = estimate_memory(config, settings, clips, limits)
     budget = limits.train_memory_mb * MB

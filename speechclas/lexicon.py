@@ -154,6 +154,25 @@ def _round_robin(groups: Sequence[Sequence[str]], copies: int, count: int) -> li
     return rounds[:count]
 
 
+def exclusions(wanted: Sequence[str], lexicon: Lexicon, reserved: Sequence[str] = ()) -> tuple[dict[str, str], set[str]]:
+    """The sounds of each wanted word, and the words never to say as unknown: the wanted words,
+    their homophones and plurals, and the `reserved` ones."""
+    key_sounds = keyword_sounds(wanted, lexicon)
+    homophones = {word for word in lexicon.words if sounds(lexicon.phonemes[word]) in set(key_sounds.values())}
+    inflected = {f"{word}{end}" for word in wanted for end in ("s", "es")}
+    return key_sounds, set(wanted) | homophones | inflected | {word.lower() for word in reserved}
+
+
+def nearest_in_turn(keywords: Sequence[str], count: int, reserved: Sequence[str] = (),
+                    lexicon: Lexicon | None = None) -> list[str]:
+    """`count` near-misses, the nearest of each keyword in turn, then the second nearest, and so on."""
+    lexicon = lexicon or load_lexicon()
+    wanted = [word.lower() for word in keywords]
+    key_sounds, excluded = exclusions(wanted, lexicon, reserved)
+    lists = [near_misses(word, key_sounds[word], lexicon, excluded) for word in wanted]
+    return list(dict.fromkeys(_round_robin(lists, 1, len(wanted) * NEAR_MISSES_PER_WORD)))[:max(0, count)]
+
+
 def unknown_texts(wanted_words: Sequence[str], items: Sequence[str], count: int, seed: int,
                   lexicon: Lexicon | None = None, reserved: Sequence[str] = ()) -> list[str]:
     """`count` texts to say as `_unknown_` (a text may come more than once, for different speakers).
@@ -167,10 +186,7 @@ def unknown_texts(wanted_words: Sequence[str], items: Sequence[str], count: int,
     """
     lexicon = lexicon or load_lexicon()
     wanted = [word.lower() for word in wanted_words]
-    key_sounds = keyword_sounds(wanted, lexicon)
-    homophones = {word for word in lexicon.words if sounds(lexicon.phonemes[word]) in set(key_sounds.values())}
-    inflected = {f"{word}{end}" for word in wanted for end in ("s", "es")}
-    excluded = set(wanted) | homophones | inflected | {word.lower() for word in reserved}
+    key_sounds, excluded = exclusions(wanted, lexicon, reserved)
     own = [item for item in dict.fromkeys(items) if item != LEXICON_ITEM and item.lower() not in excluded]
     groups = [own]
     if LEXICON_ITEM in items:

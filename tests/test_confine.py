@@ -255,7 +255,7 @@ def test_a_training_over_the_memory_budget_is_refused(home):
         check(home, limits)
     message = str(caught.value)
     assert "above this server's budget of 1000 MB (SPEECHCLAS_TRAIN_MEMORY_MB)" in message
-    assert "416 clips" in message and "batch_size" in message
+    assert "1120 clips" in message and "batch_size" in message
 
 
 def test_the_training_checks_the_memory_of_the_data_it_found_before_loading_it(tmp_path, monkeypatch):
@@ -271,7 +271,7 @@ def test_the_training_checks_the_memory_of_the_data_it_found_before_loading_it(t
     limits = Limits.defaults().replace(train_memory_mb=1000, allow_private_urls=True)
     with serve_directory(archive.parent) as base:
         config = load_config({**tiny_training_overrides(DEMO_DATA, tmp_path / "models"), "data_url": f"{base}/demo.tgz"})
-        with pytest.raises(confine.ConfinementError, match="416 clips.*SPEECHCLAS_TRAIN_MEMORY_MB"):
+        with pytest.raises(confine.ConfinementError, match="1120 clips.*SPEECHCLAS_TRAIN_MEMORY_MB"):
             train(config, base_dir=tmp_path, progress=False, limits=limits, confined=True)
     assert (tmp_path / "data" / "downloads").is_dir()
     assert not (tmp_path / "models").exists()

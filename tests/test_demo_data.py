@@ -27,10 +27,24 @@ def word_dirs(root):
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name != NOISE)
 
 
-def test_every_keyword_and_some_unknown_words_are_present():
+OTHER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+               "bed", "bird", "cat", "dog", "happy", "house", "marvin", "sheila", "tree", "wow"]
+
+
+def test_every_keyword_the_other_speech_commands_words_and_near_misses_are_present():
+    from speechclas import lexicon
+
     names = {p.name for p in word_dirs(DEMO)}
-    assert set(WORDS) <= names
-    assert len(names - set(WORDS)) >= 2, "no unknown (filler) words"
+    assert set(WORDS) <= names and set(OTHER_WORDS) <= names, "the demo teaches refusal with the 20 other words"
+    near = names - set(WORDS) - set(OTHER_WORDS)
+    assert len(near) >= 10, "near-misses of the keywords, as more unknown words"
+    lex = lexicon.load_lexicon()
+    keyword_sounds = set(lexicon.keyword_sounds(WORDS, lex).values())
+    assert not [word for word in near if lexicon.sounds(lex.phonemes[word]) in keyword_sounds], "a homophone"
+
+
+def test_the_demo_stays_small():
+    assert sum(path.stat().st_size for path in DEMO.rglob("*") if path.is_file()) < 25 * 2**20
 
 
 def test_clips_are_at_most_one_second_16k_mono_pcm16_with_speech_commands_names():
@@ -47,7 +61,7 @@ def test_clips_are_at_most_one_second_16k_mono_pcm16_with_speech_commands_names(
 def test_speakers_say_every_word_and_differ():
     speakers = {
         folder.name: {clip.name.split("_nohash_")[0] for clip in folder.iterdir()}
-        for folder in word_dirs(DEMO)
+        for folder in word_dirs(DEMO) if folder.name in WORDS + OTHER_WORDS
     }
     all_speakers = set.union(*speakers.values())
     assert len(all_speakers) >= 2
@@ -112,7 +126,7 @@ def test_script_writes_the_speech_commands_layout_reproducibly(tmp_path):
     def make(out, jobs):
         command = [
             sys.executable, str(SCRIPT), "--out", str(out), "--speakers", "2", "--words",
-            "yes,no", "--unknown-words", "", "--noise-seconds", "1", "--jobs", str(jobs),
+            "yes,no", "--unknown-words", "", "--near-misses", "0", "--noise-seconds", "1", "--jobs", str(jobs),
         ]  # fmt: skip
         subprocess.run(command, check=True, capture_output=True, cwd=tmp_path)
 

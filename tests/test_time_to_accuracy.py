@@ -146,8 +146,12 @@ def test_overall_is_the_mean_over_all_families_and_other_engines_over_flite_and_
     row = {"recipe": "r", "architecture": "ds_cnn", "budget_min": 5, "steps": 10, "train_s": 1.0, "parameters": 1000,
            "latency_ms": 1.0, "validation_accuracy": 0.99, "balanced_accuracy": balanced, **tta.summary(balanced)}
     header, _, line = tta.markdown_table([row], list(balanced)).splitlines()
-    assert header.split(" | ")[-2:] == ["held-out overall", "other engines |"]
-    assert line.split(" | ")[-2:] == ["0.660", "**0.300** |"]
+    assert header.split(" | ")[-4:] == ["held-out overall", "keyword recall", "unknown recall", "other engines |"]
+    assert line.split(" | ")[-4:] == ["0.660", "", "", "**0.300** |"]
+    keyword = {"klatt": 0.9, "channel": 0.5}
+    unknown = {"klatt": 1.0, "channel": 0.6}
+    assert tta.summary({"klatt": 1.0, "channel": 0.5}, keyword, unknown) == {
+        "overall": 0.75, "other_engines": None, "keyword_recall": 0.7, "unknown_recall": 0.8}
 
 
 ENGINES_MISSING = shutil.which("flite") is None or shutil.which("text2wave") is None
