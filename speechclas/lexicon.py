@@ -194,6 +194,10 @@ def unknown_texts(wanted_words: Sequence[str], items: Sequence[str], count: int,
             letters = word not in lexicon.phonemes and word == key_sounds[word]
             groups.append(near_misses(word, key_sounds[word], lexicon, excluded, letters))
             groups.append(keyword_parts(word, key_sounds[word], lexicon, excluded, letters))
+    seen: set[str] = set()
+    for group in groups:  # a near-miss of two keywords (bow: no, go) is said in one group only
+        group[:] = [text for text in group if text not in seen]
+        seen.update(group)
     focused_limit = count if LEXICON_ITEM not in items else int(count * FOCUSED_SHARE)
     focused = _round_robin(groups, COPIES if LEXICON_ITEM in items else max(1, -(-count // max(1, len(own)))),
                            focused_limit)

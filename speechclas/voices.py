@@ -55,7 +55,10 @@ ESPEAK_VARIANTS = (
     "robert", "shelby", "steph", "travis", "victor", "whisper", "whisperf", "zac",
 )  # fmt: skip
 ESPEAK_SPEED = 175  # espeak-ng's own words per minute, divided by a speaker's stretch
-ESPEAK_PITCH = 50  # espeak-ng's own -p (0-99), times a speaker's pitch factor
+# espeak-ng's -p (0-99, its own 50) moves f0 by about 0.8 Hz a step around its 90 Hz: a pitch
+# factor k is -p 50 + 110 (k - 1) (measured: 0.8 and 1.25 give f0 72 and 114 Hz, the 1.56 asked).
+ESPEAK_PITCH = 50
+ESPEAK_PITCH_STEPS = 110
 # Each engine's English voices, with whether its pitch can be set. espeak-ng's synthetic speakers
 # leave out the klatt variants, so the benchmark's klatt family stays a kind of voice never heard. flite's
 # awb_time only speaks times of day, so it is left out; rms ignores f0_shift.
@@ -125,7 +128,7 @@ def choose_engine_speakers(engine: str, count: int, seed: int) -> list[EngineSpe
 def engine_command(text_file: Path, speaker: EngineSpeaker, out: Path) -> list[str]:
     """The command that says the text of `text_file` as `speaker` into the wav file `out`."""
     if speaker.engine == "espeak-ng":
-        pitch = min(99, max(0, round(ESPEAK_PITCH * speaker.pitch)))
+        pitch = min(99, max(0, round(ESPEAK_PITCH + ESPEAK_PITCH_STEPS * (speaker.pitch - 1))))
         return ["espeak-ng", "-v", speaker.voice, "-s", str(round(ESPEAK_SPEED / speaker.stretch)), "-p", str(pitch),
                 "-f", str(text_file), "-w", str(out)]
     if speaker.engine == "flite":
@@ -323,7 +326,7 @@ def synthesize_clips(
         first = next((reason for (_, speaker), reason in zip(tasks, results, strict=True)
                       if speaker.engine == engine and isinstance(reason, str)), None)
         if not made and first is not None:  # e.g. the program is there but not its voices
-            raise VoicesError(f"{engine} could not say any of the {len(tasks)} words ({first}); install its "
+            raise VoicesError(f"{engine} could not say any of the {len(said) + len(set(unknown))} words ({first}); install its "
                               f"voices with `bash {INSTALLER}` or leave it out of synthetic_voices")
     for word, speaker_id, reason in failures[:5]:
         logger.warning("synthetic_voices: could not say %r as speaker %s: %s", word, speaker_id, reason)
