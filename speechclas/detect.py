@@ -33,6 +33,11 @@ Two ways to score the windows:
   reference): every window's frames go through the whole network, in fixed
   batches; for networks that flatten the window (conv, tiny_conv...).
 
+Features whose frames are not each computed from their own samples
+(``preprocess=pcen``: its smoother starts at a clip's first frame) are not
+slices of the stream's: each window's audio goes through the model
+(`AudioScorer`), features included.
+
 The scores are then smoothed as TF's RecognizeCommands does
 (tensorflow/examples/speech_commands/recognize_commands.py): each hop's
 result is averaged with the previous ones within `average_window_ms`, at
@@ -275,12 +280,17 @@ def _shared_trunk_or_per_window(scorer: SharedTrunkScorer, name: str) -> Feature
     return scorer.per_window()
 
 
-def keras_scorer(model, feature_settings, labels: Sequence[str]) -> FeatureScorer:
+def keras_scorer(model, feature_settings, labels: Sequence[str]) -> FeatureScorer | AudioScorer:
     """A scorer for a Keras model in memory (a training's evaluation), with the export's functions:
-    the shared trunk when the model has a ``time_pool`` layer, as `load_scorer` gives for its export."""
+    the shared trunk when the model has a ``time_pool`` layer, each window's audio for features
+    whose frames are not independent (pcen), as `load_scorer` gives for its export."""
     from speechclas.export import InferenceModule
 
     module = InferenceModule(model, feature_settings)
+    if not module.streams:
+        scorer = AudioScorer(labels, feature_settings, module.from_audio)
+        scorer.owner = module
+        return scorer
     if module.split is None:
         return FeatureScorer(labels, feature_settings, module.stream_features, module.from_features)
     scorer = SharedTrunkScorer(labels, feature_settings, module.stream_features, module.from_features,
@@ -292,7 +302,7 @@ def keras_scorer(model, feature_settings, labels: Sequence[str]) -> FeatureScore
 def load_scorer(run: RunDir) -> FeatureScorer | AudioScorer:
     """The scorer of a finished run's SavedModel: the shared trunk with its ``stream_columns``
     and ``pooled`` signatures, else windows through its ``features`` signature, else (runs
-    exported before detection) each window's audio."""
+    exported before detection, and features whose frames are not independent) each window's audio."""
     import tensorflow as tf
 
     from speechclas.export import (
@@ -302,6 +312,7 @@ def load_scorer(run: RunDir) -> FeatureScorer | AudioScorer:
         STREAM_COLUMNS_SIGNATURE,
         STREAM_FEATURES_SIGNATURE,
     )
+    from speechclas.features import frames_are_independent
 
     feature_settings = feature_sizes(run)
     labels = run.labels()
@@ -317,6 +328,10 @@ def load_scorer(run: RunDir) -> FeatureScorer | AudioScorer:
     elif FEATURES_SIGNATURE in signatures and STREAM_FEATURES_SIGNATURE in signatures:
         scorer = FeatureScorer(labels, feature_settings, signatures[STREAM_FEATURES_SIGNATURE],
                                signatures[FEATURES_SIGNATURE])  # fmt: skip
+    elif not frames_are_independent(feature_settings):
+        logger.info("Run %s: preprocess=%s frames depend on their clip's start; scoring each window's audio",
+                    run.name, feature_settings.preprocess)  # fmt: skip
+        scorer = AudioScorer(labels, feature_settings, signatures[AUDIO_SIGNATURE])
     else:
         logger.warning("Run %s has no %r signature (exported before detection): scoring each window's audio, "
                        "which is slower", run.name, FEATURES_SIGNATURE)  # fmt: skip

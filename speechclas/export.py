@@ -33,8 +33,10 @@ from speechclas.features import (
     MICRO_FEATURE_SCALE,
     FeatureSettings,
     compute_features,
+    frames_are_independent,
     logmel_options,
     micro_frontend_options,
+    pcen_options,
 )
 from speechclas.normalization import normalization_mode
 from speechclas.rundir import RunDir
@@ -71,10 +73,14 @@ class InferenceModule(tf.Module):
             self._from_features,
             input_signature=[tf.TensorSpec([None, *settings.input_shape], tf.float32, name=FEATURES_SIGNATURE)],
         )
-        self.stream_features = tf.function(
-            self._stream_features, input_signature=[tf.TensorSpec([None], tf.float32, name="samples")]
-        )
-        self.split = split_at_time_pool(model, settings)
+        # Detection's signatures slice a stream's frames into windows: only for frames computed
+        # each from its own samples (not pcen, whose smoother starts at each clip's first frame).
+        self.streams = frames_are_independent(settings)
+        if self.streams:
+            self.stream_features = tf.function(
+                self._stream_features, input_signature=[tf.TensorSpec([None], tf.float32, name="samples")]
+            )
+        self.split = split_at_time_pool(model, settings) if self.streams else None
         if self.split is not None:
             width = settings.input_shape[1]
             self.stream_columns = tf.function(
@@ -180,13 +186,15 @@ def export_saved_model(module: InferenceModule, out_dir: Path) -> None:
     """SavedModel for TF Serving: serving_default takes wav bytes, `audio` float samples,
     `features` what compute_features makes; `stream_features` and `features` split the two
     for detection in long audio, and for a network with a `time_pool` layer, `stream_columns`
-    and `pooled` split `features` in two (detection's shared trunk)."""
+    and `pooled` split `features` in two (detection's shared trunk). Features whose frames
+    are not independent (pcen) have no stream signatures: detection scores each window's audio."""
     signatures = {
         "serving_default": module.from_wav.get_concrete_function(),
         AUDIO_SIGNATURE: module.from_audio.get_concrete_function(),
-        STREAM_FEATURES_SIGNATURE: module.stream_features.get_concrete_function(),
         FEATURES_SIGNATURE: module.from_features.get_concrete_function(),
     }
+    if module.streams:
+        signatures[STREAM_FEATURES_SIGNATURE] = module.stream_features.get_concrete_function()
     if module.split is not None:
         signatures[STREAM_COLUMNS_SIGNATURE] = module.stream_columns.get_concrete_function()
         signatures[POOLED_SIGNATURE] = module.pooled.get_concrete_function()
@@ -215,7 +223,9 @@ def tflite_takes_features(settings: FeatureSettings) -> bool:
     AudioMicrofrontend is neither a TFLite builtin, nor a custom op that
     LiteRT's op resolver registers, nor a select-TF (flex) op. The other
     features can: AudioSpectrogram and Mfcc are custom ops LiteRT registers,
-    log-mel adds a FULLY_CONNECTED (the mel matrix) and a LOG, and feature
+    log-mel adds a FULLY_CONNECTED (the mel matrix) and a LOG, PCEN the mel
+    matrix, TRANSPOSE, a FULLY_CONNECTED (its smoother), POW, DIV, ADD, SQRT,
+    SUB and MUL, and feature
     normalisation MEAN, SQUARED_DIFFERENCE, RSQRT, SUB and MUL, all builtins.
     """
     return settings.preprocess == "micro"
@@ -371,6 +381,8 @@ def describe_exports(run: RunDir, settings: FeatureSettings, feature_normalizati
     }
     if settings.preprocess == "logmel":
         features["logmel"] = logmel_options(settings)
+    if settings.preprocess == "pcen":
+        features["pcen"] = pcen_options(settings)
     if settings.preprocess == "micro":
         features["micro_frontend"] = {**micro_frontend_options(settings), "feature_scale": MICRO_FEATURE_SCALE}
     tflite_input = "features" if tflite_takes_features(settings) else "audio"

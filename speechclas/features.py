@@ -6,8 +6,9 @@ The sizes (`feature_settings`) are plain arithmetic and import no
 TensorFlow, so DEEPaaS's main process can check a training's sizes before
 handing it to a worker. ``preprocess=logmel`` puts a mel filterbank and a
 log on the same spectrogram (the features BC-ResNet and TC-ResNet are defined
-on); ``preprocess=micro`` is TF's audio micro frontend, the features TFLite
-Micro computes on a microcontroller.
+on); ``preprocess=pcen`` puts the same mel energies through per-channel energy
+normalisation instead of the log; ``preprocess=micro`` is TF's audio micro
+frontend, the features TFLite Micro computes on a microcontroller.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import tensorflow as tf
 
-PREPROCESS_CHOICES = ("mfcc", "logmel", "average", "micro")
+PREPROCESS_CHOICES = ("mfcc", "logmel", "pcen", "average", "micro")
 # Log-mel: triangular mel filters from 20 Hz (below it a voice has no energy, and
 # the lowest filters would be narrower than an FFT bin) to 7600 Hz, 95 % of the
 # Nyquist frequency at 16 kHz (kws_streaming's edges); lower rates keep that
@@ -29,6 +30,24 @@ LOGMEL_LOWER_EDGE_HZ = 20.0
 LOGMEL_UPPER_EDGE_HZ = 7600.0
 LOGMEL_UPPER_EDGE_OF_NYQUIST = 0.95
 LOGMEL_OFFSET = 1e-6
+# Per-channel energy normalisation (Wang et al. 2017, "Trainable frontend for
+# robust and far-field keyword spotting"), fixed at the paper's (and librosa's)
+# values: smoother M[t] = (1 - s) M[t-1] + s E[t] from M[0] = E[0] (s per frame:
+# a 0.4 s time constant at a 10 ms stride), then (E / (eps + M)^alpha + delta)^r - delta^r.
+PCEN_SMOOTHING = 0.025
+PCEN_ALPHA = 0.98
+PCEN_DELTA = 2.0
+PCEN_R = 0.5
+PCEN_EPS = 1e-6
+# The mel energies are of audio in [-1, 1]; PCEN takes them as the power of int16
+# samples (audio * 2**15, so energies * 2**30), the scale 16-bit recordings have.
+# The scale only matters through eps and M^(1 - alpha): at [-1, 1], white noise of
+# one 16-bit LSB rms (about 2e-7 per FFT bin) lies below eps, so a quiet
+# recording's bands are floored by eps rather than normalised, and its features
+# depend on its level; at 2**30 that noise is about 0.2, 50 dB above eps, so only
+# digital silence meets eps. A voice's bands (M ~ 1e7..1e10) then give
+# E/M^alpha ~ 1.4..1.6 E/M, the range where delta = 2 shapes the compression.
+PCEN_ENERGY_SCALE = 2.0**30
 # TF's speech_commands (input_data.py) scales the micro frontend's float output
 # by 10/256, bringing its 0..~670 range to about 0..26.
 MICRO_FEATURE_SCALE = 10.0 / 256.0
@@ -92,7 +111,7 @@ def feature_settings(
     if preprocess == "average":
         average_window_width = max(1, fft_bin_count // feature_bin_count)
         fingerprint_width = math.ceil(fft_bin_count / average_window_width)
-    elif preprocess in ("mfcc", "logmel", "micro"):
+    elif preprocess in ("mfcc", "logmel", "pcen", "micro"):
         average_window_width = -1
         fingerprint_width = feature_bin_count
     else:
@@ -101,6 +120,8 @@ def feature_settings(
         for name, value in (("window_size_ms", window_size_ms), ("window_stride_ms", window_stride_ms)):
             if not float(value).is_integer():
                 raise ValueError(f"preprocess=micro takes whole milliseconds; {name} is {value}")
+    if preprocess == "pcen" and spectrogram_length < 1:
+        raise ValueError("preprocess=pcen needs at least one frame per clip")
     return FeatureSettings(
         sample_rate=sample_rate,
         clip_duration_ms=clip_duration_ms,
@@ -159,6 +180,8 @@ def compute_features(audio: tf.Tensor, settings: FeatureSettings, frequency_warp
         )
     elif settings.preprocess == "logmel":
         features = log_mel(spectrogram, settings)
+    elif settings.preprocess == "pcen":
+        features = pcen(mel_energies(spectrogram, settings), settings)
     else:
         pooled = tf.nn.pool(
             tf.expand_dims(spectrogram, -1),
@@ -169,6 +192,14 @@ def compute_features(audio: tf.Tensor, settings: FeatureSettings, frequency_warp
         )
         features = tf.squeeze(pooled, -1)
     return tf.expand_dims(features, -1)
+
+
+def frames_are_independent(settings: FeatureSettings) -> bool:
+    """Whether every feature frame is computed from its own samples only, so a
+    window of a stream's frames is the features of that window's audio (what
+    detection relies on to compute a stream's frames once). Not for pcen: its
+    smoother runs from each clip's first frame."""
+    return settings.preprocess != "pcen"
 
 
 def logmel_options(settings: FeatureSettings) -> dict:
@@ -187,10 +218,18 @@ def logmel_options(settings: FeatureSettings) -> dict:
 
 
 def log_mel(spectrogram: tf.Tensor, settings: FeatureSettings) -> tf.Tensor:
-    """Power spectrogram [channels, frames, fft bins] to log-mel [channels, frames, mel bins].
+    """Power spectrogram [channels, frames, fft bins] to log-mel [channels, frames, mel bins]:
+    a plain Log (a TFLite builtin) after `mel_energies`."""
+    import tensorflow as tf
+
+    return tf.math.log(mel_energies(spectrogram, settings) + LOGMEL_OFFSET)
+
+
+def mel_energies(spectrogram: tf.Tensor, settings: FeatureSettings) -> tf.Tensor:
+    """Power spectrogram [channels, frames, fft bins] to mel energies [channels, frames, mel bins].
 
     The mel matrix is computed eagerly and enters the graph as a constant, so
-    every export holds a plain MatMul and Log (TFLite builtins) after the
+    every export holds a plain MatMul (a TFLite builtin) after the
     AudioSpectrogram op.
     """
     import tensorflow as tf
@@ -204,8 +243,61 @@ def log_mel(spectrogram: tf.Tensor, settings: FeatureSettings) -> tf.Tensor:
             lower_edge_hertz=options["lower_edge_hertz"],
             upper_edge_hertz=options["upper_edge_hertz"],
         ).numpy()
-    mel = tf.matmul(spectrogram, tf.constant(weights))
-    return tf.math.log(mel + options["log_offset"])
+    return tf.matmul(spectrogram, tf.constant(weights))
+
+
+def pcen_options(settings: FeatureSettings) -> dict:
+    """The PCEN settings a device needs to compute the same features: the mel
+    energies of `logmel_options` (without its log), times `energy_scale`, then per
+    band M[t] = (1 - smoothing) M[t-1] + smoothing E[t] from M[0] = E[0] at each
+    clip's first frame, and (E / (eps + M)^alpha + delta)^r - delta^r."""
+    mel = {key: value for key, value in logmel_options(settings).items() if key != "log_offset"}
+    return {
+        **mel,
+        "energy_scale": PCEN_ENERGY_SCALE,
+        "smoothing": PCEN_SMOOTHING,
+        "alpha": PCEN_ALPHA,
+        "delta": PCEN_DELTA,
+        "r": PCEN_R,
+        "eps": PCEN_EPS,
+    }
+
+
+def pcen_smoothing_matrix(frames: int, smoothing: float = PCEN_SMOOTHING):
+    """The smoother M[t] = (1 - s) M[t-1] + s E[t], M[0] = E[0], over `frames` frames as
+    one lower-triangular matrix W (M = W @ E along time): W[t, k] = s (1 - s)^(t - k)
+    for 1 <= k <= t, W[t, 0] = (1 - s)^t. The frame count is fixed per model, so the
+    recursion becomes one MatMul, which every export and TFLite take as it is."""
+    import numpy as np
+
+    t = np.arange(frames)[:, None]
+    k = np.arange(frames)[None, :]
+    decay = (1.0 - smoothing) ** np.maximum(t - k, 0)
+    weights = np.where(k == 0, decay, smoothing * decay)
+    return np.where(k <= t, weights, 0.0).astype(np.float32)
+
+
+def pcen(mel: tf.Tensor, settings: FeatureSettings) -> tf.Tensor:
+    """Mel energies [channels, frames, mel bins] (one clip's frames, `spectrogram_length`
+    of them) to per-channel energy normalised features of the same shape.
+
+    Each band is divided by its smoothed history (an automatic gain control), which
+    takes out a recording's level and a channel's tilt, then compressed by a root
+    (dynamic range compression) where the log would only shift them.
+    """
+    import tensorflow as tf
+
+    frames = mel.shape[-2]
+    if frames is not None and frames != settings.spectrogram_length:
+        raise ValueError(f"preprocess=pcen computes clips of {settings.spectrogram_length} frames, not {frames}")
+    weights = tf.constant(pcen_smoothing_matrix(settings.spectrogram_length).T)  # W^T: time on the right
+    energies = tf.maximum(mel, 0.0) * PCEN_ENERGY_SCALE  # >= 0 already; a negative would make the powers NaN
+    by_band = tf.transpose(energies, [0, 2, 1])  # [channels, mel bins, frames]: the smoother is a MatMul over time
+    smoothed = tf.transpose(tf.matmul(by_band, weights), [0, 2, 1])
+    gain = energies / tf.pow(PCEN_EPS + smoothed, PCEN_ALPHA)
+    return tf.pow(gain + PCEN_DELTA, PCEN_R) - PCEN_DELTA**PCEN_R
+
+
 def warp_frequencies(spectrogram: tf.Tensor, factors: tf.Tensor) -> tf.Tensor:
     """Vocal tract length perturbation of a power spectrogram [batch, frames, bins]:
     the content of clip i at frequency f moves to factors[i]·f (below the

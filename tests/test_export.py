@@ -170,3 +170,48 @@ def test_the_readme_int8_example_gives_the_int8_models_answer(micro_run, capsys)
     float_probabilities = export.run_tflite(run.tflite_path, features)
     assert namespace["probabilities"].argmax() == float_probabilities.argmax()
     assert capsys.readouterr().out.split()[0] == run.labels()[int8.argmax()]
+
+
+def test_pcen_exports_give_the_keras_models_probabilities(tmp_path):
+    """preprocess=pcen inside every export (its smoother is one MatMul on a clip's
+    frames): SavedModel, model.pb and the float TFLite model, which takes samples,
+    answer what the Keras model answers on compute_features; model.json has the PCEN
+    settings. No stream signatures (a pcen window is not a slice of a stream's frames):
+    detection scores each window's audio. An untrained ds_cnn on 49 x 16 features: only agreement counts."""
+    from speechclas import detect
+    from speechclas.architectures import build_model
+    from speechclas.features import feature_settings, pcen_options
+
+    settings = feature_settings(16000, 1000, 30.0, 20.0, 16, "pcen")
+    labels = ["_silence_", "_unknown_", "yes", "no"]
+    keras_model = build_model("ds_cnn", settings.input_shape, len(labels), 0.0)
+    run = RunDir(tmp_path / "run")
+    run.make_folders()
+    run.labels_path.write_text("\n".join(labels) + "\n")
+    wavs = sorted((DEMO / "yes").iterdir())[:2]
+    clips = np.stack([place_in_window(decode_audio(wav.read_bytes(), settings.sample_rate).samples,
+                                      settings.desired_samples)[0] for wav in wavs])  # fmt: skip
+    features = compute_features(tf.constant(clips), settings)
+    export.export_all(export.InferenceModule(keras_model, settings), run, features.numpy())
+    reference = tf.nn.softmax(keras_model(features, training=False)).numpy()
+
+    description = json.loads(run.model_json_path.read_text())
+    assert description["features"]["pcen"] == pcen_options(settings)
+    assert description["exports"]["model.tflite"]["takes"] == "audio"
+    assert set(description["exports"]["saved_model"]["signatures"]) == {"serving_default", "audio", "features"}
+    saved = tf.saved_model.load(str(run.saved_model_dir))
+    from_audio = saved.signatures["audio"](audio=tf.constant(clips))["labels_softmax"].numpy()
+    np.testing.assert_allclose(from_audio, reference, atol=1e-5)
+    for wav, clip, expected in zip(wavs, clips, reference, strict=True):
+        from_wav = saved.signatures["serving_default"](wav_data=tf.constant(wav.read_bytes()))["labels_softmax"]
+        frozen = export.run_frozen_graph(run.frozen_graph_path, wav.read_bytes())
+        tflite = export.run_tflite(run.tflite_path, clip[None, :])
+        for probabilities in (from_wav.numpy()[0], frozen, tflite):
+            np.testing.assert_allclose(probabilities, expected, atol=1e-4)
+
+    stream = np.concatenate([clips[0], clips[1]])  # two windows at a 1 s hop
+    hop = detect.DetectSettings(hop_ms=1000.0)
+    for scorer in (detect.load_scorer(run), detect.keras_scorer(keras_model, settings, labels)):
+        assert isinstance(scorer, detect.AudioScorer)
+        _, scored = detect.stream_scores(scorer, [stream], hop)
+        np.testing.assert_allclose(scored, reference, atol=1e-5)

@@ -8,7 +8,14 @@ import tensorflow as tf
 
 from speechclas.audio import decode_audio, fix_length
 from speechclas.config import load_param_specs
-from speechclas.features import PREPROCESS_CHOICES, compute_features, feature_settings, logmel_options
+from speechclas.features import (
+    PREPROCESS_CHOICES,
+    compute_features,
+    feature_settings,
+    logmel_options,
+    mel_energies,
+    pcen_options,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_YES = ROOT / "data" / "demo" / "yes"
@@ -172,3 +179,68 @@ def test_logmel_sizes_follow_the_settings():
     features = compute_features(tf.constant(audio), settings).numpy()
     assert features.shape == (2, *settings.input_shape)
     assert np.all(np.isfinite(features))
+
+
+def numpy_pcen(energies, s=0.025, alpha=0.98, delta=2.0, r=0.5, eps=1e-6):
+    """PCEN (Wang et al. 2017) of mel energies [clips, frames, bands] as the recursion, frame by frame."""
+    energies = np.asarray(energies, np.float64)
+    smoothed = np.empty_like(energies)
+    smoothed[:, 0] = energies[:, 0]
+    for t in range(1, energies.shape[1]):
+        smoothed[:, t] = (1 - s) * smoothed[:, t - 1] + s * energies[:, t]
+    return (energies / (eps + smoothed) ** alpha + delta) ** r - delta**r
+
+
+def power_spectrogram(audio, settings):
+    return tf.raw_ops.AudioSpectrogram(input=tf.constant(audio.T), window_size=settings.window_size_samples,
+                                       stride=settings.window_stride_samples, magnitude_squared=True)
+
+
+def speech_like(rate=RATE, seed=3):
+    """A demo word (its level varies over 1 s) over quiet noise, so no band is digital silence."""
+    noise = np.random.default_rng(seed).normal(0, 1e-3, rate).astype(np.float32)
+    return demo_audio() + noise
+
+
+def test_pcen_is_the_recursion_on_the_mel_energies():
+    """The smoother as one matrix product equals the recursion M[t] = (1 - s) M[t-1] + s E[t],
+    M[0] = E[0], on the mel energies logmel takes its log of, scaled as int16 power."""
+    settings = defaults("pcen")
+    assert settings.input_shape == (98, 40, 1)
+    rng = np.random.default_rng(4)
+    audio = np.stack([speech_like(), demo_audio(), rng.normal(0, 0.1, RATE).astype(np.float32),
+                      np.pad(sine(440, RATE), (RATE // 4, RATE // 4)), np.zeros(RATE, np.float32)])
+    features = compute_features(tf.constant(audio), settings).numpy()
+    assert features.shape == (5, *settings.input_shape)
+    energies = mel_energies(power_spectrogram(audio, settings), settings).numpy()
+    expected = numpy_pcen(energies * 2.0**30)
+    np.testing.assert_allclose(features[..., 0], expected, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(features[4], 0.0)  # digital silence: E = M = 0
+    options = pcen_options(settings)
+    assert (options["smoothing"], options["alpha"], options["delta"], options["r"], options["eps"]) == (
+        0.025, 0.98, 2.0, 0.5, 1e-6)
+    assert options["energy_scale"] == 2.0**30 and "log_offset" not in options
+    assert {key: options[key] for key in logmel_options(settings) if key != "log_offset"} == {
+        key: value for key, value in logmel_options(settings).items() if key != "log_offset"}
+
+
+def test_pcen_takes_out_the_level_logmel_only_shifts():
+    """The same clip 20 dB louder: logmel moves by log(100) = 4.6 in every cell, pcen's
+    features stay within a few percent of their spread (each band is divided by its own
+    smoothed history; only M^(1 - alpha) = 100^0.02, about 1.1, is left of the gain)."""
+    clip = speech_like()
+    audio = np.stack([clip, 10 * clip])
+    logmel = compute_features(tf.constant(audio), defaults("logmel")).numpy()
+    assert np.median(logmel[1] - logmel[0]) == pytest.approx(np.log(100), rel=0.01)
+    quiet, loud = compute_features(tf.constant(audio), defaults("pcen")).numpy()
+    spread = quiet.std()
+    assert spread > 0.3
+    assert np.abs(loud - quiet).mean() < 0.1 * spread
+    assert np.abs(logmel[1] - logmel[0]).mean() > logmel[0].std()  # the shift outgrows logmel's own spread
+
+
+def test_pcen_refuses_a_stream_of_another_length():
+    """The smoother is fixed to a clip's frames; detection scores pcen windows clip by clip."""
+    settings = defaults("pcen")
+    with pytest.raises(ValueError, match="98 frames"):
+        compute_features(tf.zeros([1, 2 * RATE]), settings)
