@@ -125,6 +125,7 @@ class Config:
     # streaming_evaluation
     streaming_minutes: float = _field("streaming_evaluation")
     streaming_noise_minutes: float = _field("streaming_evaluation")
+    babble_clips: int = _field("streaming_evaluation")
     detection_time_tolerance_ms: float = _field("streaming_evaluation")
     target_false_accepts_per_hour: float = _field("streaming_evaluation")
 

@@ -103,6 +103,7 @@ class PreparedData:
     synthetic: shards.ShardSet | None = None  # clips of synthetic_voices added to training
     evaluation_sources: dict[str, pipeline.ShardEvaluation] | None = None  # split -> its shards; streamed only
     shards: shards.ShardSet | None = None  # the data folder's prepared clips
+    babble: dict[str, np.ndarray] | None = None  # held-out split -> int16 clips of speech that is no keyword
 
     @property
     def streamed(self) -> bool:
@@ -175,8 +176,9 @@ def prepare_data(
             cache, index, settings.sample_rate, settings.desired_samples, AudioLimits.from_limits(limits),
             progress=progress))
         skipped = {clip.path: clip for clip in prepared.skipped}
-        synthetic = synthesize_training_clips(config, settings, sorted({e.word for e in index.splits["training"]}),
-                                              cache, stack)
+        words = sorted({e.word for e in index.splits["training"]})
+        synthetic = synthesize_training_clips(config, settings, words, cache, stack)
+        babble = babble_speech(config, settings, words, synthetic, cache, stack)
         background, skipped_noise = data.load_background(
             data_dir, index.background_files, settings.sample_rate, settings.desired_samples, limits=limits
         )
@@ -184,9 +186,12 @@ def prepare_data(
         _check_usable(index, skipped, data_dir)
         clips = sum(len(index.splits[split]) for split in data.SPLITS)
         if shards.held_in_memory(config.data_loading, clips, settings.desired_samples, limits.in_memory_max_mb):
-            return _in_memory(config, index, prepared, synthetic, background, tuple(skipped.values()))
-        logger.info("Streaming the training clips from %s (data_loading=%s)", prepared.folder, config.data_loading)
-        return _streamed(config, index, prepared, synthetic, background, tuple(skipped.values()))
+            loaded = _in_memory(config, index, prepared, synthetic, background, tuple(skipped.values()))
+        else:
+            logger.info("Streaming the training clips from %s (data_loading=%s)", prepared.folder,
+                        config.data_loading)
+            loaded = _streamed(config, index, prepared, synthetic, background, tuple(skipped.values()))
+        return dataclasses.replace(loaded, babble=babble)
 
 
 def _in_memory(config: Config, index: data.DatasetIndex, prepared: shards.ShardSet,
@@ -322,6 +327,49 @@ def synthesize_training_clips(
         return held.enter_context(shards.open_entry(cache, shards.synthetic_key(description), say))
     except voices.VoicesError as exc:
         raise data.DataError(str(exc)) from None
+
+
+BABBLE_SPEAKERS = 8  # speakers of each engine who say a split's babble
+BABBLE_SEED = 7919  # added to random_seed: speakers and words that the training never drew
+
+
+def babble_speech(
+    config: Config, settings: FeatureSettings, words: list[str], synthetic: shards.ShardSet | None,
+    cache: shards.ShardCache, held: contextlib.ExitStack,
+) -> dict[str, np.ndarray] | None:
+    """Per held-out split, `config.babble_clips` clips of speech that is no keyword, for the
+    streaming evaluation's babble streams: lexicon words and phrases that neither the data
+    nor the training's unknown_words hold, said by speakers of the synthetic_voices engines
+    drawn from another seed than the training's. None without engines or clips (the
+    streaming evaluation then makes its babble of each split's unknown clips)."""
+    if not config.synthetic_voices or config.babble_clips <= 0 or config.streaming_minutes <= 0:
+        return None
+    trained = list(synthetic.extra.get("synthetic", {}).get("unknown", [])) if synthetic is not None else []
+    babble = {}
+    for number, split in enumerate(("validation", "testing")):
+        seed = config.random_seed + BABBLE_SEED + number
+        texts = lexicon.unknown_texts(config.wanted_words, [lexicon.LEXICON_ITEM], config.babble_clips, seed,
+                                      reserved=[*words, *trained])
+        description = {"babble": split, "texts": texts, "engines": list(config.synthetic_voices),
+                       "speakers": BABBLE_SPEAKERS, "seed": seed, "sample_rate": settings.sample_rate,
+                       "desired_samples": settings.desired_samples}
+
+        def say(staging: Path, texts=texts, seed=seed, description=description) -> dict:
+            clips_said = voices.synthesize_clips([], config.synthetic_voices, BABBLE_SPEAKERS, seed,
+                                                 settings.sample_rate, settings.desired_samples,
+                                                 jobs=os.cpu_count() or 1, unknown=texts)
+            clips = (shards.Clip(audio, text, "babble", shards.SYNTHETIC_SPLIT, f"babble/{number}/{text}")
+                     for number, (audio, text) in enumerate(zip(clips_said.audio, clips_said.words, strict=True)))
+            return shards.write_clips(staging, shards.SYNTHETIC_SPLIT, clips, settings.sample_rate,
+                                      settings.desired_samples, synthetic=description)
+
+        try:
+            entry = held.enter_context(shards.open_entry(cache, shards.synthetic_key(description), say))
+        except voices.VoicesError as exc:
+            raise data.DataError(str(exc)) from None
+        said_clips = shards.read_clips(entry.split_files(shards.SYNTHETIC_SPLIT), settings.desired_samples)
+        babble[split] = np.stack([clip.audio for clip in said_clips]) if said_clips else None
+    return {split: clips for split, clips in babble.items() if clips is not None} or None
 
 
 def _check_usable(index: data.DatasetIndex, skipped: dict[str, data.SkippedClip], data_dir: Path) -> None:
@@ -890,7 +938,7 @@ def write(state: TrainingState, config: Config, settings: FeatureSettings, prepa
     scored = {split: prepared.clips(split) for split in ("validation", "testing")}
     exports_accuracy = export_accuracy.export_accuracies(run, settings, *scored["testing"])
     streamed = streaming.evaluate_trained_model(
-        model, settings, labels, scored, prepared.training.background, config, run.stats
+        model, settings, labels, scored, prepared.training.background, config, run.stats, babble=prepared.babble
     )
     run_metrics = {
         "run": run.name,

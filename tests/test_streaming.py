@@ -171,6 +171,9 @@ def test_training_writes_streaming_metrics_and_det_curve(tmp_path):
     assert stored["target_false_accepts_per_hour"] == 30.0
     test = stored["test"]
     assert test["keywords"] > 10 and test["stream_minutes"] == 1.0 and test["noise_minutes"] == 2.0
+    # No synthetic voices here: each split's babble is made of its own _unknown_ clips, as long as the noise.
+    assert stored["babble"]["test"]["source"] == "_unknown_" and stored["babble"]["test"]["clips"] > 0
+    assert test["babble_minutes"] == 2.0 and test["babble_false_accepts_per_hour"] is not None
     assert test["correct"] + test["wrong"] + test["false_positives"] >= 0
     assert 0.0 <= test["false_reject_rate"] <= 1.0
     assert len(stored["det_curve"]) == len(streaming.THRESHOLDS)
@@ -191,3 +194,134 @@ def test_training_without_streaming_evaluation(tmp_path):
     run = train(config, progress=False).run
     assert "streaming" not in json.loads(run.metrics_path.read_text())
     assert not (run.stats / streaming.DET_CURVE_FILE).exists()
+
+
+# --- babble: speech that is no keyword -------------------------------------------------
+
+
+def _speech_clips(count: int, seed: int = 0, level: float = 2000.0) -> np.ndarray:
+    """One-second clips of noise bursts (0.3–0.7 s, starting 0.1–0.3 s in) standing for words, silent around them."""
+    rng = np.random.default_rng(seed)
+    clips = np.zeros((count, RATE), np.int16)
+    for row in range(count):
+        start, length = int(rng.uniform(0.1, 0.3) * RATE), int(rng.uniform(0.3, 0.7) * RATE)
+        clips[row, start : start + length] = np.clip(rng.standard_normal(length) * level, -32767, 32767)
+    return clips
+
+
+def test_babble_stream_adds_overlapping_voices_over_the_noise():
+    clips = _speech_clips(12)
+    background = np.random.default_rng(2).uniform(-0.05, 0.05, 3 * RATE).astype(np.float32)
+    stream = streaming.babble_stream(clips, background, RATE, 40.0, seed=4)
+    assert stream.words == () and stream.duration_s == 40.0
+    audio = stream.render(0, stream.length)
+    # The audio is the noise plus every placed clip, faded at its edges, at its gain, overlaps added up.
+    noise = dataclasses.replace(stream, clip_offsets=np.zeros(0, np.int64))
+    expected = noise.render(0, stream.length).astype(np.float64)
+    envelope = streaming._envelope(RATE, int(streaming.CLIP_RAMP_S * RATE))
+    for row, offset, gain in zip(stream.clip_rows, stream.clip_offsets, stream.clip_gains, strict=True):
+        expected[offset : offset + RATE] += clips[row] / 32768.0 * gain * envelope
+    assert np.abs(expected).max() < 1.0  # nothing clipped, so the sum is exact
+    np.testing.assert_allclose(audio, expected, atol=1.0 / 32768)
+    # Dense speech in up to three voices: how many clips' speech covers each 10 ms.
+    starts, ends = streaming._speech_extents(clips, RATE)
+    talking = np.zeros(stream.length // 160, np.int64)
+    for row, offset in zip(stream.clip_rows, stream.clip_offsets, strict=True):
+        talking[(offset + starts[row]) // 160 : (offset + ends[row]) // 160] += 1
+    assert talking.max() == 3 and np.mean(talking >= 2) > 0.2 and np.mean(talking >= 1) > 0.9
+    decibels = 20 * np.log10(stream.clip_gains)
+    assert np.all((decibels <= 0.0) & (decibels >= -20.0)) and np.sum(decibels < -6.0) > 10
+    # Blocks give the same audio; the same seed the same stream; one voice never overlaps itself.
+    np.testing.assert_array_equal(np.concatenate(list(stream.blocks(block_seconds=7.3))), audio)
+    again = streaming.babble_stream(clips, background, RATE, 40.0, seed=4)
+    np.testing.assert_array_equal(again.render(0, again.length), audio)
+    alone = streaming.babble_stream(clips, background, RATE, 40.0, seed=4, voices=(1, 1))
+    spans = sorted((offset + starts[row], offset + ends[row])
+                   for row, offset in zip(alone.clip_rows, alone.clip_offsets, strict=True))
+    gaps = [later - earlier for (_, earlier), (later, _) in zip(spans, spans[1:], strict=False)]
+    assert len(spans) > 40 and 0 <= min(gaps) and max(gaps) <= 0.2 * RATE  # speech after speech, never on itself
+
+
+def test_stream_metrics_count_the_babble():
+    counts = StreamCounts(keywords=10, other_words=2, matched=9, correct=8, wrong=1, false_positives=3)
+    # 60 s of words, 540 s of noise, 300 s of babble: 4 + 3 + 5 false accepts in a quarter hour.
+    figures = stream_metrics(counts, 60.0, 3, 540.0, babble_detections=5, babble_seconds=300.0)
+    assert figures["false_accepts_per_hour"] == 48.0
+    assert figures["noise_false_accepts_per_hour"] == 20.0 and figures["babble_false_accepts_per_hour"] == 60.0
+    assert figures["babble_detections"] == 5 and figures["babble_minutes"] == 5.0
+    assert stream_metrics(counts, 60.0, 3, 540.0)["babble_false_accepts_per_hour"] is None
+
+
+class _EnergyScorer:
+    """A detector that says "yes" as loud as the window is (20 ms frames of RMS): it fires on any speech."""
+
+    labels = tuple(LABELS)
+    sample_rate = RATE
+    frame_stride_samples = frame_length_samples = 320
+    window_frames = 50
+    window_samples = RATE
+    frame_width = 1
+
+    def frames(self, samples: np.ndarray) -> np.ndarray:
+        count = len(samples) // 320
+        return np.sqrt(np.mean(np.square(samples[: count * 320].reshape(count, 320)), axis=1, keepdims=True))
+
+    def score(self, windows: np.ndarray) -> np.ndarray:
+        loudness = np.clip(windows.mean(axis=(1, 2)) / 0.25, 0.0, 0.99)
+        probabilities = np.zeros((len(windows), len(LABELS)), np.float32)
+        probabilities[:, 0], probabilities[:, LABELS.index("yes")] = 1.0 - loudness, loudness
+        return probabilities
+
+
+def _keyword_clips(count: int) -> np.ndarray:
+    """Loud "yes" clips: a tone over most of the second, far louder than the babble."""
+    clips = np.zeros((count, RATE), np.int16)
+    tone = np.sin(2 * np.pi * 440 * np.arange(int(0.9 * RATE)) / RATE)
+    clips[:, int(0.05 * RATE) : int(0.95 * RATE)] = (tone * 20000).astype(np.int16)
+    return clips
+
+
+def _evaluate(tmp_path, evaluation, babble=None):
+    settings = streaming.StreamingSettings(stream_seconds=30.0, noise_seconds=30.0, babble_seconds=30.0,
+                                           background_volume=0.1, time_tolerance_s=0.75,
+                                           target_false_accepts_per_hour=1.0, seed=0)
+    background = np.random.default_rng(3).uniform(-0.01, 0.01, 3 * RATE).astype(np.float32)
+    return streaming.evaluate(_EnergyScorer(), LABELS, evaluation, background, RATE, settings,
+                              detect.DetectSettings(hop_ms=20.0), tmp_path / "det.png", babble=babble)
+
+
+def test_babble_false_accepts_raise_the_calibrated_threshold(tmp_path):
+    yes = LABELS.index("yes")
+    keywords = {split: (_keyword_clips(6), np.full(6, yes)) for split in ("validation", "testing")}
+    quiet = _evaluate(tmp_path, keywords)  # no _unknown_ clips and none given: no babble
+    assert quiet["babble"]["validation"] == {"source": None, "clips": 0}
+    assert quiet["validation"]["babble_minutes"] == 0.0
+    assert quiet["validation"]["babble_false_accepts_per_hour"] is None
+    babble = {split: _speech_clips(20, seed=seed, level=6000.0) for seed, split in enumerate(("validation", "testing"))}
+    loud = _evaluate(tmp_path, keywords, babble)
+    assert loud["babble"]["validation"] == {"source": "given", "clips": 20}
+    assert loud["threshold"] > quiet["threshold"]
+    # At the threshold chosen without babble, the babble fires: the combined curve is past the target there.
+    row = next(row for row in loud["det_curve"] if row["threshold"] == quiet["threshold"])
+    assert row["validation"]["false_accepts_per_hour"] > 1.0
+    validation = loud["validation"]
+    assert validation["babble_minutes"] == 0.5 and validation["false_accepts_per_hour"] <= 1.0
+    assert validation["babble_false_accepts_per_hour"] == validation["babble_detections"] == 0
+    assert validation["correct"] == validation["keywords"] > 0  # the keywords are still found above the babble
+    assert (tmp_path / "det.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_babble_falls_back_to_the_splits_unknown_clips(tmp_path):
+    yes, unknown = LABELS.index("yes"), LABELS.index("_unknown_")
+    evaluation = {split: (np.concatenate([_keyword_clips(4), _speech_clips(5, seed=number, level=6000.0)]),
+                          np.array([yes] * 4 + [unknown] * 5))
+                  for number, split in enumerate(("validation", "testing"))}
+    results = _evaluate(tmp_path, evaluation, {"validation": _speech_clips(7, seed=5, level=6000.0)})
+    assert results["babble"] == {"validation": {"source": "given", "clips": 7},
+                                 "test": {"source": "_unknown_", "clips": 5}}
+    test = results["test"]
+    assert test["babble_minutes"] == 0.5 and test["babble_false_accepts_per_hour"] is not None
+    babble, _, count = streaming.split_babble(*evaluation["testing"], LABELS, np.zeros(0, np.float32), RATE,
+                                              streaming.StreamingSettings(30.0, 30.0, 30.0, 0.1, 0.75, 1.0, 0), seed=2)
+    assert count == 5 and babble.words == () and len(babble.clips) == 5 and len(babble.noise_offsets) == 0
+    assert set(babble.clip_rows) == set(range(5))
