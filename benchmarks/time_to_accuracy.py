@@ -102,6 +102,8 @@ STUDY_CHANGES = {
     "vtlp_wide": "pitch_perturbation=0.2 speed_perturbation=0.15",
     "mixup": "mixup_alpha=0.2",
     "bc_resnet": "model_architecture=bc_resnet model_width=2",
+    "unknown_share": "unknown_percentage=40",
+    "lexicon_share": "unknown_words=lexicon unknown_word_clips=600 unknown_percentage=40",
 }
 RECIPES = {
     "round1": f"{ROUND1} {AUGMENTATION_OFF}",  # as round 1 trained it: no augmentation beyond the recipe's

@@ -3,10 +3,13 @@
 // waveform and spectrogram of what was sent, computed here in the browser.
 // Detection (predict with mode=detect): every keyword of a long file, marked on
 // its waveform, or live from the microphone (Listen), sent in overlapping chunks.
+// Train words: a training from text alone (text_only) through the train API, followed until it ends;
+// its run can then answer every prediction of the page (the predict argument `run`).
 "use strict";
 
 const MODEL_URL = "/v2/models/speechclas/";
 const PREDICT_URL = MODEL_URL + "predict/";
+const TRAIN_URL = MODEL_URL + "train/";
 const RECORD_SECONDS = 1.5;
 // Listen: every LISTEN_EVERY_S a chunk of the newest audio, starting LISTEN_OVERLAP_S before the
 // previous chunk ended. The overlap is longer than a 1 s window, so a keyword cut by one chunk's end
@@ -19,6 +22,10 @@ const DISPLAY_RATE = 16000; // the models' usual rate; the served run's rate rep
 const $ = (id) => document.getElementById(id);
 
 let served = { run: null, sampleRate: DISPLAY_RATE, windowMs: 30, strideMs: 10 };
+let servedModel = null; // what GET /v2/models/speechclas/ said last (its "model")
+// The run every prediction of the page names (a run trained here, chosen with "Listen with this model");
+// null: none is named, and the API answers with the run it serves.
+let chosen = null;
 
 // --- talking to the API -------------------------------------------------------
 
@@ -41,29 +48,57 @@ async function callApi(url, options = {}) {
   const response = await fetch(url, { ...options, headers: { Accept: "application/json" } });
   let body = null;
   try { body = await response.json(); } catch (_) { /* not JSON: use the status line */ }
-  if (!response.ok) throw new Error(messageOf(body, response));
+  if (!response.ok) throw Object.assign(new Error(messageOf(body, response)), { status: response.status });
   return body;
+}
+
+function audioSettings(run, settings) {
+  return {
+    run,
+    sampleRate: settings.sample_rate || DISPLAY_RATE,
+    windowMs: settings.window_size_ms || 30,
+    strideMs: settings.window_stride_ms || 10,
+  };
 }
 
 async function loadServedModel() {
   try {
     const meta = await callApi(MODEL_URL);
-    if (!meta.model) {
-      $("served").textContent = "No trained model yet: train one (speechclas-train or the API) first.";
-      return;
-    }
-    const settings = meta.model.settings || {};
-    served = {
-      run: meta.model.run,
-      sampleRate: settings.sample_rate || DISPLAY_RATE,
-      windowMs: settings.window_size_ms || 30,
-      strideMs: settings.window_stride_ms || 10,
-    };
-    $("served").textContent = `Serving run ${meta.model.run} (${meta.model.labels.length} labels: ` +
-      `${meta.model.labels.join(", ")}) of ${meta.name} ${meta.version}.`;
+    servedModel = meta.model ? { ...meta.model, about: `${meta.name} ${meta.version}` } : null;
   } catch (error) {
-    $("served").textContent = `The API did not answer: ${error.message}`;
+    if (!chosen) $("served").textContent = `The API did not answer: ${error.message}`;
+    return;
   }
+  showModelInUse();
+}
+
+function showModelInUse() {
+  // The header: the run the page's predictions go to.
+  const line = $("served");
+  if (chosen) {
+    served = audioSettings(chosen.run, chosen.settings || {});
+    const back = Object.assign(document.createElement("button"), { type: "button", textContent: "Use the served run" });
+    back.addEventListener("click", () => { chosen = null; showModelInUse(); });
+    line.replaceChildren(`Predicting with run ${chosen.run}, trained on this page (${chosen.labels.length} labels: ` +
+      `${chosen.labels.join(", ")}).`, back);
+    line.dataset.run = chosen.run;
+    return;
+  }
+  delete line.dataset.run;
+  if (!servedModel || !servedModel.run) {
+    line.textContent = servedModel && servedModel.error ? `The API cannot serve its run: ${servedModel.error}`
+      : "No trained model yet: train one (Train words below, speechclas-train or the API) first.";
+    return;
+  }
+  served = audioSettings(servedModel.run, servedModel.settings || {});
+  line.textContent = `Serving run ${servedModel.run} (${servedModel.labels.length} labels: ` +
+    `${servedModel.labels.join(", ")}) of ${servedModel.about}.`;
+}
+
+function withRun(form) {
+  // A run chosen on the page answers; else the API's served one.
+  if (chosen) form.set("run", chosen.run);
+  return form;
 }
 
 // --- audio: decoding, wav encoding -----------------------------------------------
@@ -294,7 +329,7 @@ async function classify(form, sourceText, audioBytes) {
   showError("");
   showBusy(true);
   try {
-    const answer = await callApi(PREDICT_URL, { method: "POST", body: form });
+    const answer = await callApi(PREDICT_URL, { method: "POST", body: withRun(form) });
     $("result-source").textContent = `of ${sourceText}`;
     $("result-run").textContent = `Answered by run ${answer.run}`;
     $("result-run").dataset.run = answer.run;
@@ -403,7 +438,7 @@ function detectForm(audio, fileName) {
   form.append("mode", "detect");
   const threshold = $("detect-threshold").value.trim();
   if (threshold !== "") form.append("threshold", threshold);
-  return form;
+  return withRun(form);
 }
 
 function detectionRow(cells, detection) {
@@ -597,7 +632,7 @@ class Listener {
 
 let listener = null;
 
-$("listen-button").addEventListener("click", async () => {
+async function startListening() {
   showError("");
   $("listen-button").hidden = true;
   $("listen-stop").hidden = false;
@@ -617,9 +652,9 @@ $("listen-button").addEventListener("click", async () => {
     $("listen-status").textContent = "Could not listen";
     showError(`Could not listen to the microphone: ${error.message}`);
   }
-});
+}
 
-$("listen-stop").addEventListener("click", async () => {
+async function stopListening() {
   $("listen-stop").disabled = true;
   await listener?.stop();
   $("listen-status").textContent =
@@ -628,7 +663,251 @@ $("listen-stop").addEventListener("click", async () => {
   $("listen-stop").hidden = true;
   $("listen-button").hidden = false;
   document.body.dataset.listening = "stopped";
+}
+
+$("listen-button").addEventListener("click", startListening);
+$("listen-stop").addEventListener("click", stopListening);
+
+// --- Train words: a training from text alone, followed to its end ---------------------------
+
+const TRAIN_POLL_MS = 1000;
+// The panel's quick settings; "Other training arguments" may replace any of them.
+const TRAIN_DEFAULTS = { model_architecture: "tc_resnet8", preprocess: "logmel" };
+const TRAIN_SAVED = "speechclas-training"; // sessionStorage: the training followed, found again after a reload
+const MAX_TOP_K = 100; // the predict API's bound of top_k
+
+let training = null; // the training followed: { uuid, since (ms, Date.now()), cancelling }
+let trained = null; // the run it made: { run, labels, settings }
+
+function parseWords(text) {
+  // "lights, music pause" -> ["lights", "music", "pause"]: commas or spaces, each word once, lower case.
+  return [...new Set(text.split(/[\s,]+/).map((word) => word.toLowerCase()).filter(Boolean))];
+}
+
+function parseArguments(text) {
+  // "unknown_word_clips=20 streaming_minutes=0" (or joined by &) -> [[name, value], ...]
+  return text.split(/[\s&]+/).filter(Boolean).map((piece) => {
+    const at = piece.indexOf("=");
+    if (at <= 0) throw new Error(`Other training arguments: '${piece}' is not name=value`);
+    return [piece.slice(0, at), piece.slice(at + 1)];
+  });
+}
+
+function trainingQuery() {
+  // The train API's query arguments (lists comma-separated), checked by the API, which names any it refuses.
+  const words = parseWords($("train-words").value);
+  if (!words.length) throw new Error("Type the keywords to train, e.g. lights, music, pause");
+  const engines = Array.from(document.querySelectorAll("input[name=train-engine]:checked"), (box) => box.value);
+  if (!engines.length) throw new Error("Choose at least one voice (speech synthesis engine) to say the words");
+  const args = new Map([
+    ["wanted_words", words.join(",")],
+    ["text_only", "true"],
+    ["synthetic_voices", engines.join(",")],
+    ["synthetic_speakers", $("train-speakers").value.trim()],
+    ["how_many_training_steps", $("train-steps").value.trim()],
+    ["learning_rate", $("train-learning-rate").value.trim()],
+    ...Object.entries(TRAIN_DEFAULTS),
+  ]);
+  for (const [name, value] of parseArguments($("train-extra").value)) args.set(name, value);
+  return new URLSearchParams([...args].filter(([, value]) => value !== "")); // empty: the API's default
+}
+
+function showTrainError(message) {
+  $("train-error").textContent = message;
+  $("train-error").hidden = !message;
+}
+
+function clock(seconds) {
+  const s = Math.max(0, Math.floor(seconds));
+  return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, "0")}`;
+}
+
+function totalSteps(args) {
+  // how_many_training_steps as the API echoes it: a list of stages (a number or a string when sent raw).
+  const steps = args && args.how_many_training_steps;
+  const stages = Array.isArray(steps) ? steps : String(steps ?? "").split(",");
+  const total = stages.reduce((sum, n) => sum + Number(n), 0);
+  return Number.isFinite(total) && total > 0 ? total : null;
+}
+
+function describe(args) {
+  const words = args && args.wanted_words;
+  return Array.isArray(words) ? words.join(", ") : String(words ?? "");
+}
+
+function setTraining(state) {
+  document.body.dataset.training = state;
+  const running = state === "running";
+  $("train-button").disabled = running;
+  $("train-cancel").hidden = !running;
+  $("train-bar").hidden = !running;
+}
+
+function follow(uuid, since) {
+  training = { uuid, since, cancelling: false };
+  sessionStorage.setItem(TRAIN_SAVED, JSON.stringify({ uuid, since }));
+  $("train-done").hidden = true;
+  $("train-progress").hidden = false;
+  $("train-status").textContent = "Training started…";
+  $("train-elapsed").textContent = "";
+  setTraining("running");
+  poll();
+}
+
+function stopFollowing(state) {
+  training = null;
+  sessionStorage.removeItem(TRAIN_SAVED);
+  setTraining(state);
+}
+
+async function poll() {
+  // GET of the training by its uuid, every TRAIN_POLL_MS until it is no longer running.
+  const followed = training;
+  if (!followed) return;
+  let status;
+  try {
+    status = await callApi(TRAIN_URL + encodeURIComponent(followed.uuid));
+  } catch (error) {
+    if (training !== followed) return;
+    if (error.status === 404) { // DEEPaaS forgets a cancelled training, and all of them when it restarts
+      stopFollowing(followed.cancelling ? "cancelled" : "error");
+      $("train-status").textContent = followed.cancelling ? "Cancelled." : "";
+      if (!followed.cancelling) showTrainError("The API no longer knows this training (cancelled elsewhere, or restarted).");
+      return;
+    }
+    $("train-status").textContent = `Asking for the training's status: ${error.message}; asking again…`;
+    setTimeout(poll, 3 * TRAIN_POLL_MS);
+    return;
+  }
+  if (training !== followed) return;
+  $("train-elapsed").textContent = `${clock((Date.now() - followed.since) / 1000)} elapsed`;
+  if (status.status === "running") {
+    // The API tells a training's status, not the step it has reached: the elapsed time stands for progress.
+    const steps = totalSteps(status.args);
+    const text = `Training ${describe(status.args)}: ${followed.cancelling ? "cancelling" : "running"}` +
+      `${steps ? ` (${steps} steps, after the voices have said the words)` : ""}.`;
+    if ($("train-status").textContent !== text) $("train-status").textContent = text; // a live region: changes only
+    setTimeout(poll, TRAIN_POLL_MS);
+  } else if (status.status === "done") {
+    await finished(status);
+  } else {
+    stopFollowing(status.status === "cancelled" ? "cancelled" : "error");
+    showTrainError(status.status === "cancelled" ? "" : `The training failed: ${status.message || status.status}`);
+    $("train-status").textContent = status.status === "cancelled" ? "Cancelled." : "";
+  }
+}
+
+function percent(value) {
+  return typeof value === "number" ? `${(100 * value).toFixed(1)} %` : "–";
+}
+
+async function finished(status) {
+  const output = (status.result && status.result.output) || status.result || {};
+  const run = output.run;
+  stopFollowing("labels"); // done, its labels not yet known
+  $("train-status").textContent = `Done: ${describe(status.args)}.`;
+  if (!run) {
+    stopFollowing("error");
+    showTrainError("The training ended without a run (a worker of a multi-machine training?)");
+    return;
+  }
+  $("train-summary").textContent = `Run ${run} of ${describe(status.args)}: ${output.steps} steps in ` +
+    `${status.result.duration ? status.result.duration.replace(/\.\d+$/, "") : `${output.duration_s} s`}; accuracy on speakers it never heard: validation ` +
+    `${percent(output.validation_accuracy)}, test ${percent(output.test_accuracy)}.`;
+  $("train-summary").dataset.run = run;
+  $("train-labels").replaceChildren();
+  $("train-done").hidden = false;
+  $("train-use").disabled = true;
+  try {
+    trained = { run, ...(await runLabels(run, status.args && status.args.wanted_words)) };
+    $("train-labels").replaceChildren(...trained.labels.map((label) => Object.assign(
+      document.createElement("span"), { className: "train-label", textContent: label })));
+    $("train-use").disabled = false;
+    setTraining("done");
+  } catch (error) {
+    showTrainError(`The run is trained, but its labels could not be read: ${error.message}`);
+    setTraining("error");
+  }
+  loadServedModel(); // a new run is served at once, unless the operator pinned one
+}
+
+async function runLabels(run, words) {
+  // From the metadata when the new run is the served one (the newest finished run, unless one is pinned).
+  const meta = await callApi(MODEL_URL);
+  if (meta.model && meta.model.run === run) return { labels: meta.model.labels, settings: meta.model.settings || {} };
+  // Else the run scores a moment of silence with every label in the answer (top_k), put in the model's order:
+  // _silence_, _unknown_, then the words as trained.
+  const form = new FormData();
+  form.append("data", encodeWav(new Float32Array(DISPLAY_RATE), DISPLAY_RATE), "silence.wav");
+  form.append("run", run);
+  form.append("top_k", String(MAX_TOP_K));
+  const answer = await callApi(PREDICT_URL, { method: "POST", body: form });
+  const order = ["_silence_", "_unknown_", ...(Array.isArray(words) ? words : [])];
+  const rank = (label) => (order.includes(label) ? order.indexOf(label) : order.length);
+  const labels = answer.predictions.map((p) => p.label).sort((a, b) => rank(a) - rank(b) || a.localeCompare(b));
+  return { labels, settings: null };
+}
+
+$("train-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  showTrainError("");
+  let query;
+  try {
+    query = trainingQuery();
+  } catch (error) {
+    showTrainError(error.message);
+    return;
+  }
+  $("train-button").disabled = true;
+  $("train-done").hidden = true;
+  delete document.body.dataset.training;
+  const since = Date.now();
+  try {
+    const started = await callApi(`${TRAIN_URL}?${query}`, { method: "POST" });
+    follow(started.uuid, since);
+  } catch (error) { // a refused argument: the API's 422 names it
+    showTrainError(error.message);
+    setTraining("error");
+  }
 });
+
+$("train-cancel").addEventListener("click", async () => {
+  const followed = training;
+  if (!followed || followed.cancelling) return;
+  followed.cancelling = true;
+  $("train-cancel").disabled = true;
+  try {
+    await callApi(TRAIN_URL + encodeURIComponent(followed.uuid), { method: "DELETE" });
+  } catch (_) {
+    // DEEPaaS 2.6 answers a cancel with a 500 after it has cancelled (README, Train through the API); the
+    // next poll tells: a cancelled training is forgotten (404).
+  } finally {
+    $("train-cancel").disabled = false;
+  }
+});
+
+$("train-use").addEventListener("click", async () => {
+  // Every prediction of the page now names this run; Listen (re)starts with it.
+  if (!trained) return;
+  const rate = served.sampleRate;
+  chosen = trained;
+  showModelInUse();
+  const listening = listener && listener.running;
+  if (listening && rate !== served.sampleRate) await stopListening();
+  if (!listener || !listener.running) await startListening();
+  $("listen-button").closest(".card").scrollIntoView({ block: "nearest" });
+});
+
+function resumeTraining() {
+  // The training this tab followed before a reload, if the API still knows it.
+  try {
+    const saved = JSON.parse(sessionStorage.getItem(TRAIN_SAVED) || "null");
+    if (saved && saved.uuid) follow(saved.uuid, Number(saved.since) || Date.now());
+  } catch (_) {
+    sessionStorage.removeItem(TRAIN_SAVED);
+  }
+}
 
 $("record-seconds").textContent = RECORD_SECONDS;
 loadServedModel();
+resumeTraining();
