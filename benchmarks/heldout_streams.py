@@ -16,13 +16,13 @@ accepts per hour on the noise with babble, at the run's calibrated threshold.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from pathlib import Path
 
 import numpy as np
+from time_to_accuracy import emit
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -98,11 +98,7 @@ def main(argv=None) -> None:
         family, run_dir = item.split("=", 1)
         row = measure(Path(run_dir), family, Path(folders[family]), args.minutes, args.babble_clips, args.seed)
         rows.append(row)
-        line = json.dumps(row)
-        print(line, flush=True)
-        if args.jsonl:
-            with args.jsonl.open("a") as out:
-                out.write(line + "\n")
+        emit(row, args.jsonl)
     print("| family | threshold | keywords | found with their label (%) | false accepts/h, noise and babble "
           "| of babble | of noise |\n|---|---|---|---|---|---|---|")
     for row in rows:

@@ -655,6 +655,15 @@ def combinations(recipes: Mapping[str, str], architectures: Sequence[str], specs
             yield name, combo
 
 
+def emit(row: dict, jsonl: Path | None) -> None:
+    """One result as a JSON line on stdout, and appended to `jsonl` when given."""
+    line = json.dumps(row)
+    print(line, flush=True)
+    if jsonl:
+        with jsonl.open("a") as out:
+            out.write(line + "\n")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "speechclas-tta",
@@ -728,11 +737,7 @@ def main(argv=None) -> None:
     if args.data_only:
         return
     if args.score_run:
-        line = json.dumps(score_run(args.score_run, families))
-        print(line, flush=True)
-        if args.jsonl:
-            with args.jsonl.open("a") as out:
-                out.write(line + "\n")
+        emit(score_run(args.score_run, families), args.jsonl)
         return
 
     from speechclas.config import ConfigError, load_config, load_param_specs
@@ -758,11 +763,7 @@ def main(argv=None) -> None:
             if row is None:
                 continue
             rows.append(row)
-            line = json.dumps(row)
-            print(line, flush=True)
-            if args.jsonl:
-                with args.jsonl.open("a") as out:
-                    out.write(line + "\n")
+            emit(row, args.jsonl)
     table = markdown_table(rows, list(families))
     print(table)
     if args.out:
