@@ -675,6 +675,9 @@ def parse_args(argv=None):
     parser.add_argument("--budgets", default="5,10",
                         help=f"comma-separated wall budgets in minutes; '{GIVEN}' trains with the recipe's own steps")
     parser.add_argument("--training-speakers", type=int, default=120, help="speakers of the training set")
+    parser.add_argument("--training-dir", type=Path,
+                        help="train on this data folder instead of the generated training set (data/demo: the "
+                             "shipped quick start's model)")
     parser.add_argument("--heldout-speakers", type=int, default=12,
                         help="speakers per held-out family (each says the 30 words once)")
     parser.add_argument("--engine-speakers", type=int, default=24,
@@ -726,7 +729,7 @@ def main(argv=None) -> None:
         return
     work_dir = args.work_dir.resolve()
     sizes = DataSizes(args.training_speakers, args.heldout_speakers, engine_speakers=args.engine_speakers)
-    training = build_training_set(work_dir, sizes, args.jobs)
+    training = args.training_dir.resolve() if args.training_dir else build_training_set(work_dir, sizes, args.jobs)
     families = build_heldout_families(work_dir, sizes, args.jobs, args.families or None)
     for family, folder in families.items():
         shared = speaker_ids(folder) & speaker_ids(training)
