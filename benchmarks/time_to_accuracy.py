@@ -655,6 +655,31 @@ def combinations(recipes: Mapping[str, str], architectures: Sequence[str], specs
             yield name, combo
 
 
+def seeds_table(rows: Sequence[dict], family: str) -> str:
+    """One line per recipe over its seeds: `family`'s balanced accuracy per seed and their mean,
+    the mean over all scored families, keyword and unknown recall (means over seeds), training time."""
+    by_recipe: dict[str, list[dict]] = {}
+    for row in rows:
+        by_recipe.setdefault(row["recipe"], []).append(row)
+    lines = [f"| recipe | seeds | {family}, each seed | {family} | held-out overall | keyword recall | "
+             "unknown recall | training (s) |", "|---|---|---|---|---|---|---|---|"]
+
+    def mean(values) -> float:
+        values = list(values)
+        return sum(values) / len(values)
+
+    for recipe, runs in by_recipe.items():
+        runs = sorted(runs, key=lambda row: row.get("seed", 0))
+        lines.append(" | ".join([
+            f"| {recipe}", ", ".join(str(row.get("seed")) for row in runs),
+            ", ".join(f"{row['balanced_accuracy'][family]:.3f}" for row in runs),
+            f"**{mean(row['balanced_accuracy'][family] for row in runs):.3f}**",
+            f"{mean(row['overall'] for row in runs):.3f}",
+            f"{mean(row['keyword_recall'] for row in runs):.3f}", f"{mean(row['unknown_recall'] for row in runs):.3f}",
+            f"{mean(row['train_s'] for row in runs):.0f} |"]))
+    return "\n".join(lines) + "\n"
+
+
 def emit(row: dict, jsonl: Path | None) -> None:
     """One result as a JSON line on stdout, and appended to `jsonl` when given."""
     line = json.dumps(row)
@@ -701,6 +726,10 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 20 training speakers, 2 per family, budget 1.5 min, 10 calibration steps")
     parser.add_argument("--verbose", action="store_true", help="show the trainings' own logs")
+    parser.add_argument("--seeds-table", type=Path, metavar="JSONL",
+                        help="print the per-recipe table over seeds of these results (scored on --seeds-family) "
+                             "and stop")
+    parser.add_argument("--seeds-family", default="festival")
     args = parser.parse_args(argv)
     if args.quick:
         args.training_speakers, args.heldout_speakers, args.calibration_steps = 20, 2, 10
@@ -720,6 +749,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.seeds_table:
+        print(seeds_table([json.loads(line) for line in args.seeds_table.read_text().splitlines() if line.strip()],
+                          args.seeds_family))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if not args.verbose:  # the trainings' INFO lines still go to each run's logs/train.log
         for handler in logging.getLogger().handlers:
