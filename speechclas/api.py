@@ -59,7 +59,7 @@ from speechclas.predict import (
     predict_request,
 )
 from speechclas.rundir import RunDir, RunNotFoundError, ServedRunCache
-from speechclas.trainproc import TrainingProcessError, error_message, train_in_process
+from speechclas.trainproc import TrainingProcessError, error_message, running_trainings, train_in_process
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,27 @@ def _run_to_use(requested: str | None, limits: Limits) -> str:
     return requested or _state.served_run(limits)[0].name
 
 
+def _running_trainings() -> list[dict[str, Any]]:
+    try:
+        return running_trainings()
+    except OSError as exc:
+        logger.warning("Cannot list the running trainings: %s", exc)
+        return []
+
+
 def get_metadata() -> dict[str, Any]:
+    """The package, the served model (``model``) and the API trainings running now (``trainings``).
+
+    ``trainings`` lists this server's trainings, every worker's: DEEPaaS answers this in its main
+    process, and each training reports to a progress file that names the worker and its server
+    (`speechclas.trainproc.TrainingProgress`); another deepaas-run on the machine lists its own. Each:
+    ``run`` (null until its run folder exists), ``phase`` (preparing: indexing the data and, for
+    text_only, the engines saying the words; training; evaluating: after the last step, the final
+    evaluation and exports), ``step`` of ``total``, ``started`` (ISO 8601), ``elapsed_s`` and
+    ``wanted_words``. A training leaves the list as it ends, just before its status (GET
+    train/<uuid>, which DEEPaaS keeps) stops being running; DEEPaaS does not tell ``train`` its uuid,
+    so a client matches its training by ``wanted_words`` and start.
+    """
     meta = importlib.metadata.metadata(_PACKAGE)
     summary = meta.get("Summary", "")
     return {
@@ -184,6 +204,7 @@ def get_metadata() -> dict[str, Any]:
         "license": meta.get("License", ""),
         "url": meta.get("Home-page", ""),
         "model": _served_model(),
+        "trainings": _running_trainings(),
     }
 
 
@@ -551,6 +572,7 @@ def train(**args) -> dict[str, Any]:
 
     If that process is killed (out of memory, kill -9) the status says so and this
     worker goes on serving; if DEEPaaS kills this worker (cancel), the training dies with it.
+    While it runs, its phase and step are listed by `get_metadata` (``trainings``).
     """
     _ensure_worker_logging()
     try:

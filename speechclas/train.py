@@ -88,6 +88,7 @@ class TrainingResult:
             "validation_balanced_accuracy": self.metrics["validation"]["balanced_accuracy"],
             "test_balanced_accuracy": self.metrics["testing"]["balanced_accuracy"],
             "exports": self.exports,
+            "labels": self.run.labels(),
         }
 
 
@@ -625,8 +626,12 @@ def train(
     limits: Limits | None = None,
     tracker: tracking.Tracker | None = None,
     confined: bool = False,
+    on_run: Callable[[RunDir], None] | None = None,
 ) -> TrainingResult:
     """Train one model as configured; answers the finished run and its metrics.
+
+    `on_step(done, total)` is called after each step; `on_run(run)` once the run folder
+    exists, its data prepared, before the first step (the chief only).
 
     `limits` (default: the defaults) bound a ``data_url`` download and the audio of each clip;
     `tracker` records the training elsewhere (MLflow, see speechclas.tracking); none by default.
@@ -655,7 +660,7 @@ def train(
         if not placement.is_chief:
             return _train_as_worker(config, settings, prepared, placement, start_checkpoint, progress, started)
         return _train_as_chief(config, settings, prepared, placement, source, start_checkpoint, base_dir, progress,
-                               cancel, on_step, tracker, started)
+                               cancel, on_step, tracker, started, on_run)
 
 
 def _train_as_worker(config, settings, prepared, placement, start_checkpoint, progress, started) -> TrainingResult:
@@ -672,7 +677,7 @@ def _train_as_worker(config, settings, prepared, placement, start_checkpoint, pr
 
 
 def _train_as_chief(config, settings, prepared, placement, source, start_checkpoint, base_dir, progress, cancel,
-                    on_step, tracker, started) -> TrainingResult:
+                    on_step, tracker, started, on_run=None) -> TrainingResult:
     """The one process that writes the run folder: every training but a multi_worker worker's."""
     index = prepared.index
     run = create_run_dir(config.path("models_dir", base_dir))
@@ -693,6 +698,8 @@ def _train_as_chief(config, settings, prepared, placement, source, start_checkpo
             logger.info("Distribution %s: %d replicas (%s), global batch %d, %d per replica", placement.kind,
                         placement.replicas, placement.task, config.batch_size, config.batch_size // placement.replicas)
         tracker.start(run, config)
+        if on_run is not None:
+            on_run(run)
         try:
             result = _train_in_run(config, settings, prepared, run, placement, start_checkpoint=start_checkpoint,
                                    control=LoopControl(progress, cancel, on_step), started=started, tracker=tracker)

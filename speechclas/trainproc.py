@@ -11,11 +11,20 @@ The child never outlives its parent: on Linux it asks the kernel for SIGKILL
 when the parent dies (``PR_SET_PDEATHSIG``), so a worker that DEEPaaS kills to
 cancel a training, or ends at shutdown, takes the training with it. A killed
 training leaves its run folder without the DONE marker, so it is never served.
+
+An API training tells how far it is in a small JSON file of its own
+(`TrainingProgress`): its phase (preparing, training, evaluating), its step and
+run folder. The worker creates it, the training process keeps it up to date,
+the worker removes it when the training ends; `running_trainings` reads them
+for ``get_metadata``, which DEEPaaS runs in its main process.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
+import datetime as dt
+import json
 import logging
 import multiprocessing
 import os
@@ -23,6 +32,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -159,16 +169,167 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def train_summary(config: Config, limits: Limits) -> dict[str, Any]:
+# --- the progress of API trainings -------------------------------------------------------
+
+PROGRESS_EVERY_S = 0.5  # the training process writes its step at most this often
+PHASES = ("preparing", "training", "evaluating")
+
+
+def progress_dir() -> Path:
+    """Where API trainings keep their progress files: one folder per user in the temp folder,
+    shared by every server of that user (each lists its own trainings, `running_trainings`)."""
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    return Path(tempfile.gettempdir()) / f"speechclas-progress-{user}"
+
+
+@dataclasses.dataclass
+class TrainingProgress:
+    """The progress file of one API training, ``<progress_dir>/<worker pid>.json``.
+
+    The worker (a DEEPaaS worker runs one training at a time) creates it in phase
+    ``preparing`` (indexing the data, the engines saying the words of a text_only
+    training, decoding shards), hands it to the training process, which sets its
+    run once the run folder exists (phase ``training``), its step as the steps
+    end (`on_step`, written at most every `every_s`), and phase
+    ``evaluating`` after the last step (final evaluation, exports, streaming
+    evaluation); the worker removes it when the training ends, however it ends.
+    Each write replaces the file whole (``os.replace``), so a reader never sees
+    half of one. It records the worker's process id and its parent's (the
+    server's), and the training process' once it runs: a file whose processes are
+    gone (a worker killed by a cancel) is stale, and `running_trainings` removes it.
+    Writing never fails a training: an error is logged once and writing stops.
+    """
+
+    path: Path
+    state: dict[str, Any]
+    every_s: float = PROGRESS_EVERY_S
+    _written: float = 0.0
+    _broken: bool = False
+
+    @classmethod
+    def start(cls, config: Config, folder: Path | None = None) -> TrainingProgress:
+        """The progress file of the training `config` that this process is about to start."""
+        folder = folder or progress_dir()
+        now = time.time()
+        state = {
+            "pid": os.getpid(), "server": os.getppid(), "child": None,
+            "run": None, "phase": "preparing", "step": 0, "total": int(sum(config.how_many_training_steps)),
+            "started": dt.datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds"),
+            "started_at": now, "wanted_words": list(config.wanted_words),
+        }  # fmt: skip
+        progress = cls(folder / f"{os.getpid()}.json", state)
+        try:
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            progress._give_up(exc)
+        progress.write()
+        return progress
+
+    def in_child(self) -> None:
+        """Record the training process' id (called there, first)."""
+        self.update(child=os.getpid())
+
+    def on_run(self, run) -> None:
+        """The run folder exists: the data is ready and the steps begin."""
+        self.update(run=run.name, phase="training")
+
+    def on_step(self, done: int, total: int) -> None:
+        """`speechclas.train.train`'s on_step: written at most every `every_s`, and after the last step."""
+        last = done >= total
+        if not last and time.monotonic() - self._written < self.every_s:
+            self.state.update(step=done, total=total)
+            return
+        self.update(step=done, total=total, phase="evaluating" if last else "training")
+
+    def update(self, **changes: Any) -> None:
+        self.state.update(changes)
+        self.write()
+
+    def write(self) -> None:
+        if self._broken:
+            return
+        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            temporary.write_text(json.dumps(self.state))
+            os.replace(temporary, self.path)
+        except OSError as exc:
+            self._give_up(exc)
+        self._written = time.monotonic()
+
+    def remove(self) -> None:
+        """The training has ended: its file goes, with what a killed writer left half written."""
+        for path in (self.path, *self.path.parent.glob(f".{self.path.name}.*.tmp")):
+            path.unlink(missing_ok=True)
+
+    def _give_up(self, exc: OSError) -> None:
+        logger.warning("Cannot write the training's progress to %s (%s): it is not reported", self.path, exc)
+        self._broken = True
+
+
+def running_trainings(folder: Path | None = None) -> list[dict[str, Any]]:
+    """The API trainings that this process runs, or its workers run (a DEEPaaS server's main
+    process answers ``get_metadata`` for all its workers), oldest first: each one's run (null
+    until its run folder exists), phase, step and total steps, start (ISO 8601), elapsed
+    seconds and wanted words. Another server's trainings are not listed, nor one whose worker
+    or training process is gone; a file whose worker is gone (killed by a cancel) is removed."""
+    folder = folder or progress_dir()
+    found = []
+    for path in folder.glob("*.json") if folder.is_dir() else ():
+        try:
+            state = json.loads(path.read_text())
+            pid, server, child = state["pid"], state["server"], state.get("child")
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not one of ours, or removed as we read
+        if not all(isinstance(p, int) and p > 0 for p in (pid, server, child if child is not None else 1)):
+            continue
+        if not _is_running(pid) or (child is not None and not _is_running(child)):
+            if not _is_alive(pid):  # a worker killed by a cancel left it
+                path.unlink(missing_ok=True)
+            continue
+        if os.getpid() not in (pid, server):
+            continue
+        found.append({
+            "run": state.get("run"), "phase": state.get("phase"), "step": state.get("step"),
+            "total": state.get("total"), "started": state.get("started"),
+            "elapsed_s": round(max(0.0, time.time() - float(state.get("started_at", time.time()))), 1),
+            "wanted_words": state.get("wanted_words"),
+        })  # fmt: skip
+    return sorted(found, key=lambda training: -training["elapsed_s"])
+
+
+def _is_running(pid: int) -> bool:
+    """Alive and not a zombie (a killed process that no one has waited for yet)."""
+    if not _is_alive(pid):
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: alive is all we know
+    return stat[stat.rindex(")") + 2 :].split(" ", 1)[0] not in ("Z", "X")
+
+
+# --- API trainings ------------------------------------------------------------------------
+
+
+def train_summary(config: Config, limits: Limits, progress: TrainingProgress | None = None) -> dict[str, Any]:
     """Train as an API training, within the operator's `limits`, and answer the run's summary
-    (the work of a training process)."""
+    (the work of a training process); `progress`, if given, is kept up to date."""
     from speechclas.tracking import tracker_from_env
     from speechclas.train import train  # TensorFlow, in the training process only
 
     tracker = tracker_from_env(os.environ, limits.mlflow_model_name)
-    return train(config, progress=False, limits=limits, tracker=tracker, confined=True).summary()
+    hooks = {}
+    if progress is not None:
+        progress.in_child()
+        hooks = {"on_step": progress.on_step, "on_run": progress.on_run}
+    return train(config, progress=False, limits=limits, tracker=tracker, confined=True, **hooks).summary()
 
 
-def train_in_process(config: Config, limits: Limits) -> dict[str, Any]:
-    """`train_summary` in a process of its own; TrainingProcessError if it fails or dies."""
-    return run_in_process(train_summary, config, limits, what="training")
+def train_in_process(config: Config, limits: Limits, progress_folder: Path | None = None) -> dict[str, Any]:
+    """`train_summary` in a process of its own; TrainingProcessError if it fails or dies.
+    Its progress is reported in `progress_folder` (default `progress_dir`) while it runs."""
+    progress = TrainingProgress.start(config, progress_folder)
+    try:
+        return run_in_process(train_summary, config, limits, progress, what="training")
+    finally:
+        progress.remove()

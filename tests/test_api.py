@@ -26,6 +26,7 @@ from marshmallow import ValidationError
 
 from speechclas import api
 from speechclas.audio import fix_length
+from speechclas.rundir import RunDir
 from tests.conftest import (
     DEMO_DATA,
     demo_clip,
@@ -138,6 +139,7 @@ async def test_metadata_names_the_package_and_the_served_model(client, trained_r
     assert meta["model"]["run"] == trained_run.name
     assert meta["model"]["labels"] == trained_run.labels()
     assert meta["model"]["settings"]["sample_rate"] == 16000
+    assert meta["trainings"] == []  # none running
 
 
 async def test_openapi_documents_the_arguments(client):
@@ -424,9 +426,12 @@ async def test_a_training_over_the_memory_budget_answers_422(client, monkeypatch
     assert await (await client.get(TRAIN)).json() == []
 
 
-async def wait_for_training(client, uuid: str, timeout_s: float = 180) -> dict:
+async def wait_for_training(client, uuid: str, timeout_s: float = 180, seen: list | None = None) -> dict:
+    """The training's status once it no longer runs; `seen` gathers the metadata's "trainings" meanwhile."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if seen is not None:
+            seen.append((await (await client.get(MODEL)).json())["trainings"])
         status = await (await client.get(TRAIN + uuid)).json()
         if status["status"] != "running":
             return status
@@ -449,12 +454,28 @@ async def test_training_through_the_api_then_predicting_with_the_new_run(client,
     started = await response.json()
     assert response.status == 200 and started["status"] == "running"
 
-    status = await wait_for_training(client, started["uuid"])
+    seen = []
+    status = await wait_for_training(client, started["uuid"], seen=seen)
     assert status["status"] == "done", status
     summary = status["result"]["output"]
     new_run = summary["run"]
     assert new_run != trained_run.name
     assert (project_home / "models" / new_run / "DONE").is_file()
+    assert summary["labels"] == RunDir(project_home / "models" / new_run).labels()
+
+    # While it ran, the metadata listed it (the worker's training, answered by the main process)
+    # with its phase and step; once done, no longer.
+    running = [trainings for trainings in seen if trainings]
+    assert running, seen
+    assert all(len(trainings) == 1 for trainings in running), running
+    entries = [trainings[0] for trainings in running]
+    assert {entry["phase"] for entry in entries} <= {"preparing", "training", "evaluating"}
+    assert all(0 <= entry["step"] <= entry["total"] == 50 for entry in entries), entries
+    assert all(entry["wanted_words"] == summary["labels"][2:] for entry in entries), entries
+    assert all(entry["run"] in (None, new_run) and entry["elapsed_s"] >= 0 for entry in entries), entries
+    order = [("preparing", "training", "evaluating").index(entry["phase"]) for entry in entries]
+    assert order == sorted(order) and [e["step"] for e in entries] == sorted(e["step"] for e in entries), entries
+    assert (await (await client.get(MODEL)).json())["trainings"] == []
     assert summary["steps"] == 50 and 0.0 <= summary["test_accuracy"] <= 1.0
     assert set(summary["exports"]) == {"saved_model", "frozen_graph", "tflite", "int8_tflite", "model_json"}
     listed = await (await client.get(TRAIN)).json()

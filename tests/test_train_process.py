@@ -9,12 +9,14 @@ whose training process is SIGKILLed and whose training is cancelled.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import psutil
@@ -23,7 +25,7 @@ import requests
 
 from speechclas import api, rundir
 from speechclas.rundir import RunDir, RunNotFoundError, served_run
-from speechclas.trainproc import TrainingProcessError, run_in_process
+from speechclas.trainproc import TrainingProcessError, TrainingProgress, run_in_process, running_trainings
 from tests.conftest import DEMO_DATA, demo_clip, make_project_home, tiny_training_overrides
 from tests.processes import deepaas_command, free_port, running, wait_until_serving
 
@@ -158,6 +160,57 @@ def test_the_child_dies_with_its_parent():
     finally:
         parent.kill()
         parent.wait()
+
+
+# --- the progress of an API training ----------------------------------------------------------
+
+TWO_WORDS = types.SimpleNamespace(wanted_words=("lights", "music"), how_many_training_steps=(30, 10))
+
+
+def _report_steps(progress: TrainingProgress, steps: int) -> None:
+    """A training process' reports, without the training."""
+    progress.in_child()
+    progress.on_run(types.SimpleNamespace(name="2030-01-01_000000"))
+    for done in range(1, steps + 1):
+        progress.on_step(done, 40)
+
+
+def test_a_trainings_progress_follows_its_phases_and_goes_with_it(tmp_path):
+    progress = TrainingProgress.start(TWO_WORDS, tmp_path)
+    (listed,) = running_trainings(tmp_path)
+    assert listed["phase"] == "preparing" and (listed["step"], listed["total"]) == (0, 40)
+    assert listed["run"] is None and listed["wanted_words"] == ["lights", "music"]
+    assert listed["elapsed_s"] >= 0 and listed["started"]
+
+    progress.every_s = 3600.0  # no step written between a phase's start and the last step
+    run_in_process(_report_steps, progress, 39, what="test")  # written by another process, now gone
+    assert running_trainings(tmp_path) == []  # its training process has ended: not running
+    written = json.loads(progress.path.read_text())
+    assert (written["run"], written["phase"], written["step"]) == ("2030-01-01_000000", "training", 0)
+
+    _report_steps(progress, 5)  # the training process is this one, alive
+    (listed,) = running_trainings(tmp_path)
+    assert (listed["run"], listed["phase"], listed["step"]) == ("2030-01-01_000000", "training", 0)
+    progress.every_s = 0.0
+    progress.on_step(7, 40)
+    assert running_trainings(tmp_path)[0]["step"] == 7
+    progress.on_step(40, 40)
+    assert [(t["phase"], t["step"]) for t in running_trainings(tmp_path)] == [("evaluating", 40)]
+    progress.remove()
+    assert running_trainings(tmp_path) == [] and list(tmp_path.iterdir()) == []
+
+
+def test_only_this_servers_live_trainings_are_listed(tmp_path):
+    dead = run_in_process(_pid_and_parent, what="test")[0]
+    ours = TrainingProgress.start(TWO_WORDS, tmp_path)
+    for name, pid, server in (("dead", dead, os.getpid()), ("other", os.getppid(), 1)):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({**ours.state, "pid": pid, "server": server}))
+    (tmp_path / "garbage.json").write_text("{")
+    (tmp_path / "odd.json").write_text(json.dumps({**ours.state, "pid": "1"}))
+    assert len(running_trainings(tmp_path)) == 1  # ours; another server's is not listed
+    assert not (tmp_path / "dead.json").exists()  # its worker is gone: removed
+    assert (tmp_path / "other.json").exists()
 
 
 # --- speechclas-train interrupted -------------------------------------------------------------
@@ -341,6 +394,22 @@ def new_runs(server: Server, trained_run: RunDir) -> list[RunDir]:
     return [RunDir(path) for path in server.models.iterdir() if path.name != trained_run.name]
 
 
+def listed_trainings(server: Server) -> list[dict]:
+    """The metadata's running trainings (answered by the server's main process)."""
+    return requests.get(server.url + MODEL, timeout=10).json()["trainings"]
+
+
+def listed_at_a_step(server: Server, run_names: set[str]) -> dict:
+    """The one listed training, once it names its run and has made a step."""
+
+    def at_a_step():
+        listed = listed_trainings(server)
+        assert len(listed) <= 1, listed
+        return listed[0] if listed and listed[0]["run"] in run_names and listed[0]["step"] > 0 else None
+
+    return wait_for(at_a_step, what="a listed training at a step")
+
+
 def predict_upload(server: Server, timeout_s: float = 30) -> requests.Response:
     clip = demo_clip("yes")
     return requests.post(server.url + PREDICT, files={"data": (clip.name, clip.read_bytes(), "audio/wav")},
@@ -356,10 +425,15 @@ def test_a_killed_training_process_is_an_error_and_the_server_goes_on(server, tr
     wait_for(lambda: {r.name for r in new_runs(server, trained_run) if r.conf_path.is_file()} - before,
              what="the run folder")  # fmt: skip
     assert f"The training runs in process {child.pid}" in server.log.read_text()
+    # The metadata lists it, at its step, until it ends.
+    listed = listed_at_a_step(server, {r.name for r in new_runs(server, trained_run)} - before)
+    assert listed["phase"] == "training" and 0 < listed["step"] <= listed["total"] == 40000, listed
+    assert listed["wanted_words"] and listed["elapsed_s"] > 0
     child.send_signal(signal.SIGKILL)
 
     status = training_status(server, uuid, timeout_s=30)
     assert status["status"] == "error", status
+    assert listed_trainings(server) == []
     assert "the training process was killed by signal 9 (SIGKILL) — out of memory?" in status["message"]
     # The worker that watched it lives on and answers at once with the earlier model.
     response = predict_upload(server, timeout_s=30)
@@ -375,6 +449,7 @@ def test_a_killed_training_process_is_an_error_and_the_server_goes_on(server, tr
     del params["models_dir"]
     status = training_status(server, start_training(server, params), timeout_s=300)
     assert status["status"] == "done", status
+    assert listed_trainings(server) == []
     new_run = status["result"]["output"]["run"]
     assert predict_upload(server).json()["run"] == new_run
     model = requests.get(server.url + MODEL, timeout=10).json()["model"]
@@ -387,10 +462,12 @@ def test_a_cancelled_training_leaves_no_process_and_no_served_run(server, traine
     worker, child = wait_for(lambda: training_process(server), what="the training process")
     wait_for(lambda: {r.name for r in new_runs(server, trained_run) if r.conf_path.is_file()} - before,
              what="the run folder")  # fmt: skip
+    assert listed_at_a_step(server, {r.name for r in new_runs(server, trained_run)} - before)["phase"] == "training"
     cancelled = requests.delete(server.url + TRAIN + uuid, timeout=30)
     # DEEPaaS 2.6 kills the worker, then answers 500 (see test_deepaas_process); a fixed one, 200.
     assert cancelled.status_code in (200, 500), cancelled.text
     wait_for(lambda: is_gone(worker.pid) and is_gone(child.pid), timeout_s=30, what="the end of both processes")
+    assert listed_trainings(server) == []  # the killed worker could not remove its progress: it is stale
     (cancelled_run,) = [run for run in new_runs(server, trained_run) if run.name not in before]
     assert not cancelled_run.is_finished()
     served = requests.get(server.url + MODEL, timeout=10).json()["model"]["run"]

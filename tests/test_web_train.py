@@ -1,7 +1,8 @@
 """The web page's "Train words" panel in headless Chromium, against a real deepaas-run and speechclas-web.
 
 The panel starts a training from text alone (``text_only``: the installed espeak-ng, flite and
-festival say the words), follows it by its uuid until it ends, shows the new run's labels, and
+festival say the words), follows it by its uuid until it ends, with its phase and step from the
+metadata's "trainings" meanwhile, shows the new run's labels (from the training's result), and
 "Listen with this model" makes every prediction of the page name that run. The server pins the
 session's tiny run (SPEECHCLAS_RUN), so the new run is not served by default: what answers after
 the switch is the panel's doing. See tests/test_web.py for the servers and the browser.
@@ -9,6 +10,7 @@ the switch is the panel's doing. See tests/test_web.py for the servers and the b
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -19,6 +21,7 @@ from tests.test_web import chromium, open_page, serving
 
 TRAIN = "/v2/models/speechclas/train/"
 TRAINING_TIMEOUT_MS = 600_000
+STEPS = 200  # the end-to-end training's: a few seconds of steps, so that polls see it at a step
 ENGINES = ("espeak-ng", "flite", "festival")
 WORDS = ("lights", "music")
 MICROPHONE_CLIP = demo_clip("yes")
@@ -28,15 +31,23 @@ pytestmark = pytest.mark.skipif(
     reason="needs espeak-ng, flite and festival (bash scripts/install_voices.sh)",
 )
 
-# What the page did, kept for the test: each text of the training's status line, and the `run` and
-# `mode` of every predict it sent.
+# What the page did, kept for the test: each text of the training's status line and of its step, each
+# value and max of its progress bar, and the `run` and `mode` of every predict it sent.
 WATCH_THE_PAGE = """
     window.trainStatusTexts = [];
+    window.trainStepTexts = [];
+    window.trainBar = [];
     window.sentPredictions = [];
     document.addEventListener("DOMContentLoaded", () => {
         const status = document.getElementById("train-status");
         new MutationObserver(() => window.trainStatusTexts.push(status.textContent))
             .observe(status, { childList: true, characterData: true, subtree: true });
+        const step = document.getElementById("train-step");
+        new MutationObserver(() => window.trainStepTexts.push(step.textContent))
+            .observe(step, { childList: true, characterData: true, subtree: true });
+        const bar = document.getElementById("train-bar");
+        new MutationObserver(() => window.trainBar.push({ value: bar.getAttribute("value"), max: bar.max }))
+            .observe(bar, { attributes: true, attributeFilter: ["value", "max"] });
     });
     const originalFetch = window.fetch;
     window.fetch = (url, options) => {
@@ -103,7 +114,8 @@ def test_an_argument_the_api_refuses_shows_its_message_and_starts_nothing(page, 
 
 def test_train_words_from_text_then_listen_with_the_new_run(page, pinned_site, trained_run):
     api_url = pinned_site[0]
-    fill_tiny_training(page, " Lights, music  lights ")  # commas or spaces, each word once, lower case
+    # Commas or spaces, each word once, lower case; steps enough to be seen running at one poll a second.
+    fill_tiny_training(page, " Lights, music  lights ", steps=str(STEPS))
     page.click("#train-button")
 
     # The training the API started is the one the panel asked for.
@@ -113,28 +125,38 @@ def test_train_words_from_text_then_listen_with_the_new_run(page, pinned_site, t
     args = started[0]["args"]
     assert args["text_only"] is True and args["wanted_words"] == list(WORDS)
     assert args["synthetic_voices"] == list(ENGINES) and args["synthetic_speakers"] == 2
-    assert args["how_many_training_steps"] == [20] and args["learning_rate"] == [0.003]
+    assert args["how_many_training_steps"] == [STEPS] and args["learning_rate"] == [0.003]
     assert (args["model_architecture"], args["preprocess"]) == ("tc_resnet8", "logmel")
     assert (args["unknown_word_clips"], args["streaming_minutes"]) == (20, 0.0)
 
-    # Its progress while it runs, then its end.
+    # Its progress while it runs (phase and step, from the metadata), then its end.
     page.wait_for_selector("#train-elapsed:has-text('elapsed')")
     page.wait_for_selector("body[data-training=done], body[data-training=error]", timeout=TRAINING_TIMEOUT_MS)
     assert page.get_attribute("body", "data-training") == "done", page.inner_text("#train-error")
     texts = page.evaluate("window.trainStatusTexts")
-    assert any("lights, music: running (20 steps" in text for text in texts), texts
+    for phase in ("saying the words…", "evaluating and exporting…"):  # each lasts seconds
+        assert f"Training lights, music: {phase}" in texts, texts
+    steps = [match.groups() for text in page.evaluate("window.trainStepTexts")
+             if (match := re.fullmatch(r"step (\d+) of (\d+)", text))]  # fmt: skip
+    assert steps and {total for _, total in steps} == {str(STEPS)}, page.evaluate("window.trainStepTexts")
+    assert any(0 < int(done) <= STEPS for done, _ in steps), steps
+    bars = [bar for bar in page.evaluate("window.trainBar") if bar["value"] is not None]
+    assert any(bar["max"] == STEPS and 0 < float(bar["value"]) < STEPS for bar in bars), bars
     assert page.inner_text("#train-status").startswith("Done")
+    assert page.is_hidden("#train-bar") and page.inner_text("#train-step") == ""
 
     # The new run and its labels.
     run = page.get_attribute("#train-summary", "data-run")
     assert run and run != trained_run.name
     assert run in page.inner_text("#train-summary")
-    assert page.locator(".train-label").all_inner_texts() == ["_silence_", "_unknown_", *WORDS]
-    assert trainings(api_url)[0]["result"]["output"]["run"] == run
+    output = trainings(api_url)[0]["result"]["output"]
+    assert output["run"] == run and output["labels"] == ["_silence_", "_unknown_", *WORDS]
+    assert page.locator(".train-label").all_inner_texts() == output["labels"]
     assert page.is_hidden("#train-cancel") and page.is_enabled("#train-button")
     # The pinned run is still the one served; nothing has switched yet.
     assert f"Serving run {trained_run.name}" in page.inner_text("#served")
-    assert {sent["run"] for sent in page.evaluate("window.sentPredictions")} <= {None, run}  # the labels' lookup
+    # The labels came with the result: no predict looked them up.
+    assert [sent for sent in page.evaluate("window.sentPredictions") if sent["run"] == run] == []
 
     # Listen with this model: the header says so, and the microphone's chunks are searched by it.
     page.click("#train-use")

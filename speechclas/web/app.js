@@ -3,8 +3,9 @@
 // waveform and spectrogram of what was sent, computed here in the browser.
 // Detection (predict with mode=detect): every keyword of a long file, marked on
 // its waveform, or live from the microphone (Listen), sent in overlapping chunks.
-// Train words: a training from text alone (text_only) through the train API, followed until it ends;
-// its run can then answer every prediction of the page (the predict argument `run`).
+// Train words: a training from text alone (text_only) through the train API, followed until it ends
+// (its status by uuid, its phase and step from the metadata's "trainings"); its run can then answer
+// every prediction of the page (the predict argument `run`).
 "use strict";
 
 const MODEL_URL = "/v2/models/speechclas/";
@@ -671,12 +672,15 @@ $("listen-stop").addEventListener("click", stopListening);
 // --- Train words: a training from text alone, followed to its end ---------------------------
 
 const TRAIN_POLL_MS = 1000;
+// A training of the metadata is the one followed when it has its words and started after the page asked for
+// it (its elapsed_s no longer than the page's own count, give or take this many seconds of latency).
+const TRAIN_MATCH_SLACK_S = 5;
 // The panel's quick settings; "Other training arguments" may replace any of them.
 const TRAIN_DEFAULTS = { model_architecture: "tc_resnet8", preprocess: "logmel" };
 const TRAIN_SAVED = "speechclas-training"; // sessionStorage: the training followed, found again after a reload
 const MAX_TOP_K = 100; // the predict API's bound of top_k
 
-let training = null; // the training followed: { uuid, since (ms, Date.now()), cancelling }
+let training = null; // the training followed: { uuid, since (ms, Date.now()), cancelling, progress }
 let trained = null; // the run it made: { run, labels, settings }
 
 function parseWords(text) {
@@ -730,6 +734,55 @@ function totalSteps(args) {
   return Number.isFinite(total) && total > 0 ? total : null;
 }
 
+async function runningTrainings() {
+  // The metadata's "trainings" (phase and step of each API training of the server); null if it did not answer
+  // or has none (an older speechclas).
+  try {
+    const meta = await callApi(MODEL_URL);
+    return Array.isArray(meta.trainings) ? meta.trainings : null;
+  } catch (_) {
+    return null;
+  }
+}
+
+function progressOf(trainings, args, followed) {
+  // The followed training among the metadata's: the API does not tell a training its uuid, so the one with
+  // its words that started after the page asked for it, the earliest such.
+  const words = JSON.stringify(args && args.wanted_words);
+  const ours = (Date.now() - followed.since) / 1000 + TRAIN_MATCH_SLACK_S;
+  const candidates = trainings.filter((t) => JSON.stringify(t.wanted_words) === words && t.elapsed_s <= ours);
+  return candidates.reduce((best, t) => (!best || t.elapsed_s > best.elapsed_s ? t : best), null);
+}
+
+function showProgress(args, progress, listed, cancelling) {
+  // The status line (a live region: it changes with the phase only), the step and the bar. `listed`: the
+  // metadata lists the server's trainings, so one not (yet) there waits for a worker to take it.
+  const bar = $("train-bar");
+  const total = (progress && progress.total) || totalSteps(args);
+  let phase = listed ? "waiting for a worker…" : "running…";
+  let step = total ? `${total} steps` : "";
+  bar.removeAttribute("value"); // indeterminate
+  if (progress && progress.phase === "preparing") {
+    phase = args && args.text_only ? "saying the words…" : "preparing the data…";
+    step = total ? `${total} steps to go` : "";
+  } else if (progress && progress.phase === "training") {
+    phase = "learning from the clips…";
+    step = `step ${progress.step} of ${progress.total}`;
+    bar.max = progress.total;
+    bar.value = progress.step;
+  } else if (progress && progress.phase === "evaluating") {
+    phase = "evaluating and exporting…";
+    step = `all ${progress.total} steps done`;
+    bar.max = progress.total;
+    bar.value = progress.total;
+  }
+  if (cancelling) phase = "cancelling…";
+  const text = `Training ${describe(args)}: ${phase}`;
+  if ($("train-status").textContent !== text) $("train-status").textContent = text;
+  if ($("train-step").textContent !== step) $("train-step").textContent = step;
+  document.body.dataset.trainingPhase = (progress && progress.phase) || "waiting";
+}
+
 function describe(args) {
   const words = args && args.wanted_words;
   return Array.isArray(words) ? words.join(", ") : String(words ?? "");
@@ -741,15 +794,21 @@ function setTraining(state) {
   $("train-button").disabled = running;
   $("train-cancel").hidden = !running;
   $("train-bar").hidden = !running;
+  if (!running) {
+    $("train-step").textContent = "";
+    delete document.body.dataset.trainingPhase;
+  }
 }
 
 function follow(uuid, since) {
-  training = { uuid, since, cancelling: false };
+  training = { uuid, since, cancelling: false, progress: null };
   sessionStorage.setItem(TRAIN_SAVED, JSON.stringify({ uuid, since }));
   $("train-done").hidden = true;
   $("train-progress").hidden = false;
   $("train-status").textContent = "Training started…";
+  $("train-step").textContent = "";
   $("train-elapsed").textContent = "";
+  $("train-bar").removeAttribute("value");
   setTraining("running");
   poll();
 }
@@ -782,11 +841,13 @@ async function poll() {
   if (training !== followed) return;
   $("train-elapsed").textContent = `${clock((Date.now() - followed.since) / 1000)} elapsed`;
   if (status.status === "running") {
-    // The API tells a training's status, not the step it has reached: the elapsed time stands for progress.
-    const steps = totalSteps(status.args);
-    const text = `Training ${describe(status.args)}: ${followed.cancelling ? "cancelling" : "running"}` +
-      `${steps ? ` (${steps} steps, after the voices have said the words)` : ""}.`;
-    if ($("train-status").textContent !== text) $("train-status").textContent = text; // a live region: changes only
+    // The status tells running, not how far: the phase and step come from the metadata's trainings. One no
+    // longer listed there is ending (or the metadata did not answer): its last known progress stays.
+    const trainings = await runningTrainings();
+    if (training !== followed) return;
+    const progress = trainings && progressOf(trainings, status.args, followed);
+    if (progress) followed.progress = progress;
+    showProgress(status.args, followed.progress, trainings !== null, followed.cancelling);
     setTimeout(poll, TRAIN_POLL_MS);
   } else if (status.status === "done") {
     await finished(status);
@@ -819,7 +880,7 @@ async function finished(status) {
   $("train-done").hidden = false;
   $("train-use").disabled = true;
   try {
-    trained = { run, ...(await runLabels(run, status.args && status.args.wanted_words)) };
+    trained = { run, ...(await runLabels(run, status.args && status.args.wanted_words, output.labels)) };
     $("train-labels").replaceChildren(...trained.labels.map((label) => Object.assign(
       document.createElement("span"), { className: "train-label", textContent: label })));
     $("train-use").disabled = false;
@@ -831,10 +892,18 @@ async function finished(status) {
   loadServedModel(); // a new run is served at once, unless the operator pinned one
 }
 
-async function runLabels(run, words) {
-  // From the metadata when the new run is the served one (the newest finished run, unless one is pinned).
-  const meta = await callApi(MODEL_URL);
-  if (meta.model && meta.model.run === run) return { labels: meta.model.labels, settings: meta.model.settings || {} };
+async function runLabels(run, words, known) {
+  // The labels the training's result names (`known`), with the audio settings of the metadata when the new run
+  // is the served one (the newest finished run, unless one is pinned); its labels too for an API without them.
+  let meta = null;
+  try {
+    meta = await callApi(MODEL_URL);
+  } catch (error) {
+    if (!Array.isArray(known)) throw error;
+  }
+  const servedHere = meta && meta.model && meta.model.run === run;
+  if (Array.isArray(known)) return { labels: known, settings: servedHere ? meta.model.settings || {} : null };
+  if (servedHere) return { labels: meta.model.labels, settings: meta.model.settings || {} };
   // Else the run scores a moment of silence with every label in the answer (top_k), put in the model's order:
   // _silence_, _unknown_, then the words as trained.
   const form = new FormData();
