@@ -472,6 +472,15 @@ def sweep(
     return rows
 
 
+def calibration_limit(target_false_accepts_per_hour: float, hours: float) -> float:
+    """The false accepts per hour the validation streams may show: the target, or one false accept
+    in all of their audio when they are too short to tell the target (12 minutes cannot tell 1 an
+    hour from 0): else one unlucky word decides, and the threshold that removes it misses most keywords."""
+    if hours <= 0:
+        return target_false_accepts_per_hour
+    return max(target_false_accepts_per_hour, round(1.0 / hours, 2))
+
+
 def choose_threshold(curve: Sequence[dict], target_false_accepts_per_hour: float) -> float:
     """The lowest threshold whose false accepts per hour meet the target (the most
     keywords found within it); the highest threshold when none does."""
@@ -579,11 +588,19 @@ def evaluate(
     tolerance = settings.time_tolerance_s
     curves = {split: sweep(streams, labels, detect_settings, tolerance) for split, streams in scored.items()}
     target = settings.target_false_accepts_per_hour
-    threshold = choose_threshold(curves["validation"], target)
+    validation = scored["validation"]
+    hours = (validation.stream_seconds + validation.noise_seconds + validation.babble_seconds) / SECONDS_PER_HOUR
+    limit = calibration_limit(target, hours)
+    if limit > target:
+        logger.warning("Streaming evaluation: %.0f minutes of validation audio cannot tell %g false accepts per hour; "
+                       "the threshold allows one false accept in them (%g per hour): lengthen streaming_minutes and "
+                       "streaming_noise_minutes for a finer calibration", 60 * hours, target, limit)
+    threshold = choose_threshold(curves["validation"], limit)
     chosen = dataclasses.replace(detect_settings, threshold=threshold)
     results = {
         "threshold": threshold,
         "target_false_accepts_per_hour": target,
+        "calibrated_false_accepts_per_hour": limit,
         "time_tolerance_ms": round(tolerance * 1000.0, 1),
         "detect_settings": dataclasses.asdict(chosen),
         "test": scored["testing"].metrics(labels, chosen, tolerance),
@@ -602,7 +619,7 @@ def evaluate(
     test = results["test"]
     logger.info("Streaming test at threshold %.2f (chosen for %g false accepts/h on validation): %s%% correct, "
                 "%s%% wrong, %s%% false positives, false-reject rate %s, %s false accepts/h (%s on noise, "
-                "%s on babble; %.1f s)", threshold, target, test["correct_percentage"], test["wrong_percentage"],
+                "%s on babble; %.1f s)", threshold, limit, test["correct_percentage"], test["wrong_percentage"],
                 test["false_positive_percentage"], test["false_reject_rate"], test["false_accepts_per_hour"],
                 test["noise_false_accepts_per_hour"], test["babble_false_accepts_per_hour"], results["duration_s"])
     return results

@@ -50,6 +50,17 @@ def test_a_wrong_label_on_a_keyword_is_wrong_and_a_reject():
     assert stream_metrics(counts, 3600.0, 0, 0.0)["noise_false_accepts_per_hour"] is None
 
 
+def test_short_validation_audio_allows_one_false_accept_not_zero():
+    assert streaming.calibration_limit(1.0, hours=0.2) == 5.0  # 12 minutes: one false accept is 5 an hour
+    assert streaming.calibration_limit(1.0, hours=2.0) == 1.0  # long enough to tell the target itself
+    assert streaming.calibration_limit(0.0, hours=0.0) == 0.0
+    # One stubborn false accept up to 0.94 would otherwise push the threshold where no keyword is found.
+    curve = [{"threshold": 0.8, "false_accepts_per_hour": 10.0}, {"threshold": 0.82, "false_accepts_per_hour": 5.0},
+             {"threshold": 0.94, "false_accepts_per_hour": 5.0}, {"threshold": 0.96, "false_accepts_per_hour": 0.0}]
+    assert streaming.choose_threshold(curve, streaming.calibration_limit(1.0, hours=0.2)) == 0.82
+    assert streaming.choose_threshold(curve, 1.0) == 0.96
+
+
 def test_choose_threshold_is_the_lowest_meeting_the_target():
     curve = [{"threshold": t, "false_accepts_per_hour": fa} for t, fa in [(0.5, 9.0), (0.6, 3.0), (0.7, 1.0), (0.8, 0.0)]]
     assert streaming.choose_threshold(curve, 1.0) == 0.7
@@ -302,11 +313,13 @@ def test_babble_false_accepts_raise_the_calibrated_threshold(tmp_path):
     assert loud["babble"]["validation"] == {"source": "given", "clips": 20}
     assert loud["threshold"] > quiet["threshold"]
     # At the threshold chosen without babble, the babble fires: the combined curve is past the target there.
+    limit = loud["calibrated_false_accepts_per_hour"]  # 1.5 minutes a split: one false accept is 40 an hour
+    assert limit == 40.0 and quiet["calibrated_false_accepts_per_hour"] == 60.0
     row = next(row for row in loud["det_curve"] if row["threshold"] == quiet["threshold"])
-    assert row["validation"]["false_accepts_per_hour"] > 1.0
+    assert row["validation"]["false_accepts_per_hour"] > limit
     validation = loud["validation"]
-    assert validation["babble_minutes"] == 0.5 and validation["false_accepts_per_hour"] <= 1.0
-    assert validation["babble_false_accepts_per_hour"] == validation["babble_detections"] == 0
+    assert validation["babble_minutes"] == 0.5 and validation["false_accepts_per_hour"] <= limit
+    assert validation["babble_detections"] <= 1
     assert validation["correct"] == validation["keywords"] > 0  # the keywords are still found above the babble
     assert (tmp_path / "det.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
