@@ -16,6 +16,7 @@ accepts per hour on the noise with babble, at the run's calibrated threshold.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -28,6 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = Path(__file__).resolve().parent.parent
 NOISE_DIR = REPO / "data" / "demo" / "_background_noise_"
+SWEEP = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # thresholds of the curve reported beside the calibrated one
 logger = logging.getLogger("heldout_streams")
 
 
@@ -77,8 +79,14 @@ def measure(run_dir: Path, family: str, folder: Path, minutes: float, babble_cli
     settings = detect.DetectSettings.for_features(scorer.feature_settings, threshold=threshold)
     scored = streaming.score_streams(scorer, words, noise, settings, babble)
     figures = scored.metrics(labels, settings, 0.75)
+    curve = []
+    for swept in SWEEP:
+        at = scored.metrics(labels, dataclasses.replace(settings, threshold=swept), 0.75)
+        curve.append({"threshold": swept, "correct_percentage": at["correct_percentage"],
+                      "false_accepts_per_hour": at["false_accepts_per_hour"],
+                      "babble_false_accepts_per_hour": at["babble_false_accepts_per_hour"]})
     return {"run": str(run_dir), "family": family, "threshold": threshold, "minutes": minutes,
-            "babble_speech_clips": len(others), **figures}
+            "babble_speech_clips": len(others), **figures, "curve": curve}
 
 
 def main(argv=None) -> None:
@@ -106,6 +114,11 @@ def main(argv=None) -> None:
         both = (row["noise_detections"] + row.get("babble_detections", 0)) / hours if hours else None
         print(f"| {row['family']} | {row['threshold']:g} | {row['keywords']} | {row['correct_percentage']} | "
               f"{both:.1f} | {row.get('babble_false_accepts_per_hour')} | {row['noise_false_accepts_per_hour']} |")
+    for row in rows:
+        print(f"\n{row['family']}: | threshold | keywords found (%) | false accepts/h (all) | of babble |\n|---|---|---|---|")
+        for point in row["curve"]:
+            print(f"| {point['threshold']:g} | {point['correct_percentage']} | {point['false_accepts_per_hour']} | "
+                  f"{point['babble_false_accepts_per_hour']} |")
     sys.stdout.flush()
 
 
