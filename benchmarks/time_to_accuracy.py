@@ -330,8 +330,8 @@ def make_data_args(speakers: int, seed: int, voices: Sequence[str] | None = None
                    variants: Sequence[str] | None = None, exclude_variants: Sequence[str] = (),
                    noise_seconds: float = 0.0, words: str = "all30") -> list[str]:
     """Arguments of scripts/make_demo_data.py for one set (without --out and --jobs)."""
-    args = ["--speakers", str(speakers), "--words", words, "--unknown-words", "", "--seed", str(seed),
-            "--noise-seconds", f"{noise_seconds:g}"]
+    args = ["--speakers", str(speakers), "--words", words, "--unknown-words", "", "--near-misses", "0",
+            "--seed", str(seed), "--noise-seconds", f"{noise_seconds:g}"]
     if voices is not None:
         args += ["--voices", ",".join(voices)]
     if variants is not None:
